@@ -1,0 +1,278 @@
+"""Structured compression of every coupled channel group: model folding or magnitude pruning.
+
+One loop serves both methods (so they give identical architectures): for each fresh group,
+pick the width k, then either cluster the channels and merge each cluster into its first member
+(fold), or keep the k channels with the largest producer norms (prune); finally remove the other
+channels from every coupled tensor.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import BadInput
+from ..models.cifar_resnet import PadShortcut
+from .groups import DependencyAdapter, GroupView, output_layers
+from .kmeans import cluster, inertia, special_partition
+from .repairs import REPAIRS, normalise_producers, recalibrate_bn, scale_gammas, variance_factors
+from .slices import MEAN, UnsupportedItem, item_slices
+from .widths import check_ratio, kept_width
+
+METHODS = ("fold", "prune-l1", "prune-l2")
+GROUP_POLICIES = ("all", "inner")
+
+
+@dataclass
+class GroupRecord:
+    name: str
+    kind: str
+    width: int
+    kept: int
+    action: str  # "folded", "pruned", or why it was left whole
+    weight_error: float | None = None  # ||W - P W||^2 on the group's features
+    relative_error: float | None = None
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    method: str
+    ratio: float
+    seed: int
+    group_policy: str
+    repair: str = "none"
+    groups: list[GroupRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def residual_streams(self) -> str:
+        streams = [g for g in self.groups if g.kind == "stream"]
+        if not streams:
+            return "none"
+        if all(g.action in ("folded", "pruned") for g in streams):
+            return "compressed"
+        return "kept whole" if not any(g.action in ("folded", "pruned") for g in streams) else "partly compressed"
+
+    def summary(self) -> dict:
+        return {"method": self.method, "ratio": self.ratio, "seed": self.seed, "groups_policy": self.group_policy,
+                "repair": self.repair,
+                "residual_streams": self.residual_streams, "seconds": round(self.seconds, 3),
+                "groups": [asdict(g) for g in self.groups]}
+
+
+def group_features(view: GroupView) -> torch.Tensor:
+    """(n, d) matrix: row i holds every clustering feature of channel i, group axis first."""
+    blocks = []
+    for item in view.weighted_items:
+        for s in item_slices(item):
+            if s.feature:
+                blocks.append(_gather(s.tensor, s.dim, item.table))
+    return torch.cat(blocks, dim=1)
+
+
+def producer_scores(view: GroupView, p: int) -> torch.Tensor:
+    """Lp norm of the root producer's flattened filter for each channel (no BN, bias or consumers)."""
+    root = view.items[0]
+    rows = [_gather(s.tensor, s.dim, root.table) for s in item_slices(root) if s.producer]
+    return torch.linalg.vector_norm(torch.cat(rows, 1).to(torch.float64), ord=p, dim=1)
+
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest scores (ties: lower index first), sorted."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:k])
+
+
+def _gather(tensor: torch.Tensor, dim: int, table: torch.Tensor) -> torch.Tensor:
+    n, e = table.shape
+    moved = tensor.movedim(dim, 0)
+    return moved[table.flatten().to(tensor.device)].reshape(n, e, *moved.shape[1:]).reshape(n, -1).to(torch.float64)
+
+
+def representatives(labels: torch.Tensor) -> list[int]:
+    """The first member of each cluster, in cluster order."""
+    return [int(torch.nonzero(labels == c)[0]) for c in range(int(labels.max()) + 1)]
+
+
+def merge_clusters(view: GroupView, labels: torch.Tensor) -> list[int]:
+    """Textbook merge into each cluster's first member; returns the channels to remove."""
+    k = int(labels.max()) + 1
+    n = len(labels)
+    onehot = torch.zeros(k, n, dtype=torch.float64)
+    onehot[labels, torch.arange(n)] = 1.0
+    mean = onehot / onehot.sum(1, keepdim=True)
+    reps = representatives(labels)
+    rep_of = torch.tensor(reps)[labels]
+    for item in view.weighted_items:
+        if isinstance(item.module, PadShortcut):
+            if item.axis == "in":  # slots reading a member now read the cluster's representative
+                _reroute_shortcut(item.module, item.table, rep_of)
+            continue
+        for s in item_slices(item):
+            rows = _gather(s.tensor, s.dim, item.table)
+            merged = (mean if s.merge == MEAN else onehot).to(rows.device) @ rows
+            moved = s.tensor.movedim(s.dim, 0)
+            target = item.table[reps].flatten().to(s.tensor.device)
+            moved[target] = merged.reshape(len(target), *moved.shape[1:]).to(s.tensor.dtype)
+    return sorted(set(range(n)) - set(reps))
+
+
+def _reroute_shortcut(shortcut: PadShortcut, table: torch.Tensor, rep_of: torch.Tensor) -> None:
+    channel_of_index = {int(idx): c for c, idx in enumerate(table[:, 0].tolist())}
+    for slot in range(shortcut.out_channels):
+        if shortcut.keep_mask[slot] > 0:
+            channel = channel_of_index[int(shortcut.gather_index[slot])]
+            shortcut.gather_index[slot] = int(table[int(rep_of[channel]), 0])
+
+
+def fixed_blocks(view: GroupView) -> list[list[int]]:
+    """Channels an option-A shortcut ties together ("mirror" rule, method.md section 3).
+
+    Pass-through slots reading the same (already folded) input channel form one cluster, so the
+    shortcut stays a 0/1 gather after folding; padding slots are clustered freely.
+    """
+    blocks: dict[int, list[int]] = {}
+    for item in view.weighted_items:
+        if isinstance(item.module, PadShortcut) and item.axis == "out":
+            for channel, idx in enumerate(item.table[:, 0].tolist()):
+                if item.module.keep_mask[idx] > 0:
+                    blocks.setdefault(int(item.module.gather_index[idx]), []).append(channel)
+    return list(blocks.values())
+
+
+def fold_labels(features: torch.Tensor, k: int, scores: torch.Tensor, blocks: list[list[int]],
+                seed: int, restarts: int) -> torch.Tensor:
+    """Cluster labels for a fold to width k, honouring fixed blocks; best of seeded starts."""
+    n = features.shape[0]
+    tied = sorted(c for b in blocks for c in b)
+    free = [c for c in range(n) if c not in set(tied)]
+    k_free = k - len(blocks)
+    if free and k_free < 1:
+        raise BadInput(f"ratio too high for an option-A shortcut: {len(blocks)} pass-through clusters "
+                       f"leave no room in width {k}; use a lower ratio or --groups inner")
+    labels = torch.empty(n, dtype=torch.long)
+    for b, block in enumerate(blocks):
+        labels[block] = b
+    if free:
+        sub = features[free]
+        sub_scores = scores[free]
+        starts = ()
+        if 1 <= k_free - 1 < len(free):  # magnitude-pruning partition with k_free - 1 kept
+            starts = (special_partition(len(free), top_k(sub_scores, k_free - 1)),)
+        result = cluster(sub, min(k_free, len(free)), seed=seed, restarts=restarts, start_partitions=starts)
+        labels[free] = result.labels + len(blocks)
+    return labels
+
+
+def compress_model(
+    model: nn.Module,
+    example_inputs,
+    method: str = "fold",
+    ratio: float = 0.5,
+    seed: int = 0,
+    groups: str = "all",
+    group_ratios: dict[str, float] | None = None,
+    protected: Sequence[str] | None = None,
+    round_to: int = 1,
+    restarts: int = 10,
+    repair: str = "none",
+    calibration: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> CompressionResult:
+    """Compress a copy of ``model``; the input model is left unchanged.
+
+    ``groups="inner"`` keeps residual streams whole; ``group_ratios`` overrides the ratio per
+    group (by root module name); ``protected`` names modules whose outputs stay whole (default:
+    the classifier).
+    """
+    if method not in METHODS:
+        raise BadInput(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if groups not in GROUP_POLICIES:
+        raise BadInput(f"unknown groups policy {groups!r}; choose 'all' (every group) or 'inner' (residual streams whole)")
+    if repair not in REPAIRS:
+        raise BadInput(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
+    if repair == "bn-recalibrate" and calibration is None:
+        raise BadInput("repair bn-recalibrate needs unlabelled calibration images: pass --calibration-data PATH "
+                       "(never the evaluation images)")
+    ratio = check_ratio(ratio)
+    ratios = {name: check_ratio(r) for name, r in (group_ratios or {}).items()}
+    start = time.perf_counter()
+    work = copy.deepcopy(model).eval().to(device)
+    example_inputs = example_inputs.to(device) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    names = dict(work.named_modules())
+    if protected is None:
+        protected_modules = output_layers(work, example_inputs)
+    else:
+        missing = [p for p in protected if p not in names]
+        if missing:
+            raise BadInput(f"protected layer(s) {', '.join(missing)} not found in the model; list module names as printed by `foldship inspect`")
+        protected_modules = [names[p] for p in protected]
+    adapter = DependencyAdapter(work, example_inputs, protected_modules)
+    result = CompressionResult(work, method, ratio, seed, groups, repair)
+    with torch.no_grad():
+        for view in adapter.groups():
+            result.groups.append(_compress_group(view, method, ratios.get(view.name, ratio), groups, seed, restarts,
+                                                 round_to, repair == "fold-ar"))
+            if progress:
+                progress(1)
+    unknown = set(ratios) - {g.name for g in result.groups}
+    if unknown:
+        raise BadInput(f"group ratio(s) for unknown group(s) {', '.join(sorted(unknown))}; see `foldship inspect` for group names")
+    if repair == "bn-recalibrate":
+        recalibrate_bn(work, calibration)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _compress_group(view: GroupView, method: str, ratio: float, policy: str, seed: int,
+                    restarts: int, round_to: int, fold_ar: bool) -> GroupRecord:
+    n = view.size
+    record = GroupRecord(view.name, view.kind, n, n, "kept")
+    if policy == "inner" and view.kind == "stream":
+        record.action = "kept: residual stream (--groups inner)"
+        return record
+    k = kept_width(n, ratio, round_to)
+    if k >= n:
+        record.action = "kept: width rule keeps every channel"
+        return record
+    if any(item.table.shape[1] == 0 for item in view.weighted_items):
+        record.action = "kept: uneven channel mapping (partial split)"
+        return record
+    if fold_ar and method == "fold":
+        normalise_producers(view)
+    try:
+        features = group_features(view)
+    except UnsupportedItem as exc:
+        record.action = f"kept: {exc}"
+        return record
+    p = 1 if method == "prune-l1" else 2
+    scores = producer_scores(view, p)
+    total = float((features ** 2).sum())
+    if method == "fold":
+        labels = fold_labels(features, k, scores, fixed_blocks(view), seed, restarts)
+        error = _projection_error(features, labels)
+        factors = variance_factors(features, labels) if fold_ar else None
+        drop = merge_clusters(view, labels)
+        if factors is not None:
+            scale_gammas(view, representatives(labels), factors)
+        record.action = "folded"
+    else:
+        kept = top_k(scores, k)
+        drop = sorted(set(range(n)) - set(kept))
+        error = float((features[drop] ** 2).sum())
+        record.action = "pruned"
+    view.remove(drop)
+    record.kept = k
+    record.weight_error = error
+    record.relative_error = error / total if total > 0 else 0.0
+    return record
+
+
+def _projection_error(features: torch.Tensor, labels: torch.Tensor) -> float:
+    return inertia(features, labels, int(labels.max()) + 1)

@@ -1,0 +1,219 @@
+"""Coupled channel groups, discovered automatically on top of Torch-Pruning's DependencyGraph.
+
+This adapter is the only module that touches Torch-Pruning: it builds the graph, walks the
+groups one at a time (they must be regenerated after every edit) and presents each as a plain
+``GroupView`` with, for every coupled tensor, the index table that maps the group's channels to
+that tensor's slices (concatenations, flattens and offsets included).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning import ops
+from torch_pruning.pruner import function as tp_function
+
+from ..errors import BadInput
+from ..models.cifar_resnet import PadShortcut
+
+# Trace-only modules of Torch-Pruning: they carry no weights.
+_WEIGHTLESS_OPS = (
+    ops._ElementWiseOp, ops._ReshapeOp, ops._ConcatOp, ops._SplitOp, ops._SliceOp,
+    ops._UnbindOp, ops._ExpandOp, ops._OutputOp, ops._CustomizedOp,
+)
+
+
+class PadShortcutPruner(tp_function.BasePruningFunc):
+    """Slices the option-A shortcut's routing buffers; the shortcut stays weight-free."""
+
+    TARGET_MODULES = (PadShortcut,)
+
+    def prune_out_channels(self, layer: PadShortcut, idxs: Sequence[int]) -> nn.Module:
+        keep = torch.tensor(sorted(set(range(layer.out_channels)) - set(idxs)), dtype=torch.long)
+        layer.gather_index = layer.gather_index[keep]
+        layer.keep_mask = layer.keep_mask[keep]
+        layer.out_channels = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: PadShortcut, idxs: Sequence[int]) -> nn.Module:
+        # A slot whose source channel is removed becomes padding; the rest are renumbered.
+        removed = torch.zeros(layer.in_channels, dtype=torch.bool)
+        removed[list(idxs)] = True
+        new_index = torch.cumsum(~removed, 0) - 1
+        dead = removed[layer.gather_index] & (layer.keep_mask > 0)
+        layer.keep_mask = torch.where(dead, torch.zeros_like(layer.keep_mask), layer.keep_mask)
+        layer.gather_index = torch.where(layer.keep_mask > 0, new_index[layer.gather_index].clamp_min(0),
+                                         torch.zeros_like(layer.gather_index))
+        layer.in_channels -= len(idxs)
+        return layer
+
+    def get_out_channels(self, layer: PadShortcut) -> int:
+        return layer.out_channels
+
+    def get_in_channels(self, layer: PadShortcut) -> int:
+        return layer.in_channels
+
+
+CUSTOM_PRUNERS: dict[type, tp_function.BasePruningFunc] = {PadShortcut: PadShortcutPruner()}
+
+
+@dataclass
+class GroupItem:
+    """One coupled tensor-holder of a group: a module and the axis the group indexes."""
+
+    name: str
+    module: nn.Module
+    axis: str  # "out": producer side / per-channel op; "in": consumer side
+    table: torch.Tensor  # (n, e): the module's indices for each of the group's n channels
+
+    @property
+    def weightless(self) -> bool:
+        return isinstance(self.module, _WEIGHTLESS_OPS)
+
+
+@dataclass
+class ChannelGroup:
+    """A coupled channel group as plain data (what ``foldship.channel_groups`` returns)."""
+
+    name: str  # the root module (the first producer) and axis, e.g. "layer1.0.conv1"
+    size: int
+    kind: str  # "stream" (a residual add joins it) or "inner"
+    members: list[tuple[str, str]] = field(default_factory=list)  # (module_name, axis)
+
+
+class GroupView:
+    """A live Torch-Pruning group, read through plain index tables."""
+
+    def __init__(self, adapter: "DependencyAdapter", tp_group):
+        self._tp_group = tp_group
+        self.norm_after = adapter.norm_after
+        root = tp_group[0].dep.target.module
+        self.root = root
+        self.name = adapter.names.get(root, type(root).__name__)
+        self.size = len(tp_group[0].idxs)
+        self.items: list[GroupItem] = []
+        graph = adapter.graph
+        for item in tp_group.items:
+            module = item.dep.target.module
+            axis = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            self.items.append(GroupItem(adapter.names.get(module, type(module).__name__), module, axis,
+                                        _index_table(item.idxs, item.root_idxs, self.size)))
+        self.kind = "stream" if any(_is_add(i.module) for i in self.items) else "inner"
+
+    @property
+    def weighted_items(self) -> list[GroupItem]:
+        return [i for i in self.items if not i.weightless]
+
+    def as_data(self) -> ChannelGroup:
+        members = [(i.name, i.axis) for i in self.weighted_items]
+        return ChannelGroup(self.name, self.size, self.kind, members)
+
+    def remove(self, channels: Sequence[int]) -> None:
+        """Remove the given group channels from every coupled tensor."""
+        if channels:
+            self._tp_group.prune(idxs=sorted(int(c) for c in channels))
+
+
+def _is_add(module: nn.Module) -> bool:
+    if not isinstance(module, ops._ElementWiseOp):
+        return False
+    fn = module._grad_fn
+    return (fn if isinstance(fn, str) else type(fn).__name__).startswith("Add")
+
+
+def _index_table(idxs, root_idxs, n: int) -> torch.Tensor:
+    """(n, e) table: row r lists, in order, the module indices that belong to group channel r."""
+    per_root: list[list[int]] = [[] for _ in range(n)]
+    for idx, root in zip(idxs, root_idxs):
+        if 0 <= root < n:
+            per_root[root].append(int(idx))
+    widths = {len(r) for r in per_root}
+    if len(widths) != 1:
+        # Uneven mappings (a split that covers part of the group) cannot be merged row by row.
+        return torch.empty(n, 0, dtype=torch.long)
+    return torch.tensor(per_root, dtype=torch.long)
+
+
+class DependencyAdapter:
+    """Builds Torch-Pruning's dependency graph once and yields fresh groups one at a time.
+
+    Groups come in forward-execution order of their first producer, which is also their root: the
+    stem conv for the first residual stream, block 0's conv2 for later ones (method.md section 7),
+    and a stream is always edited before the streams an option-A shortcut feeds from it.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, protected: Sequence[nn.Module] = ()):
+        self.model = model
+        self.names = {m: n for n, m in model.named_modules()}
+        self.protected = list(protected)
+        self.order, self.norm_after = trace_layers(model, example_inputs)
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.graph = tp.DependencyGraph().build_dependency(
+                    model, example_inputs, customized_pruners=CUSTOM_PRUNERS, verbose=False)
+        except Exception as exc:  # tracing failures come in many types; report them as one line
+            raise BadInput(f"cannot trace the model to find its channel groups ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); check the input shape and that "
+                           f"forward() runs on it") from exc
+
+    def groups(self) -> Iterator[GroupView]:
+        """Fresh groups in execution order; safe to edit the model between yields."""
+        visited: set[nn.Module] = set()
+        for module in self.order:
+            if module in visited or module in self.protected or module not in self.graph.module2node:
+                continue
+            pruner = self.graph.get_pruner_of_module(module)
+            tp_group = self.graph.get_pruning_group(module, pruner.prune_out_channels,
+                                                    list(range(pruner.get_out_channels(module))))
+            producers = [item.dep.target.module for item in tp_group
+                         if self.graph.is_out_channel_pruning_fn(item.dep.handler)]
+            visited.update(producers)
+            if not any(p in self.protected for p in producers):
+                yield GroupView(self, tp_group)
+
+
+def trace_layers(model: nn.Module, example_inputs) -> tuple[list[nn.Module], dict[nn.Module, nn.Module]]:
+    """Conv/linear layers in first-run order, and the BatchNorm that directly normalises each one's output."""
+    order: list[nn.Module] = []
+    produced_by: dict[int, nn.Module] = {}
+    norm_after: dict[nn.Module, nn.Module] = {}
+
+    def on_layer(module, inputs, output):
+        if module not in order:
+            order.append(module)
+        produced_by[id(output)] = module
+
+    def on_norm(module, inputs):
+        producer = produced_by.get(id(inputs[0]))
+        if producer is not None:
+            norm_after.setdefault(producer, module)
+
+    hooks = [m.register_forward_hook(on_layer) for m in model.modules()
+             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    hooks += [m.register_forward_pre_hook(on_norm) for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        with torch.no_grad():
+            model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order, norm_after
+
+
+def output_layers(model: nn.Module, example_inputs) -> list[nn.Module]:
+    """The last conv/linear layer to run: the classifier, whose outputs are never compressed."""
+    return trace_layers(model, example_inputs)[0][-1:]
+
+
+def channel_groups(model: nn.Module, example_inputs, protected: Sequence[nn.Module] | None = None) -> list[ChannelGroup]:
+    """The coupled channel groups of ``model`` (classifier outputs excluded by default)."""
+    if protected is None:
+        protected = output_layers(model, example_inputs)
+    adapter = DependencyAdapter(model, example_inputs, protected)
+    return [g.as_data() for g in adapter.groups()]

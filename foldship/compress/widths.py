@@ -1,0 +1,31 @@
+"""The width rule shared by folding and pruning, so both give identical architectures."""
+from __future__ import annotations
+
+import math
+
+from ..errors import BadInput
+
+
+def check_ratio(ratio: float) -> float:
+    """Return ``ratio`` as a float, or refuse a value outside (0, 1)."""
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise BadInput(f"ratio {ratio!r} is not a number; pass a fraction of channels to remove, e.g. --ratio 0.3") from None
+    if not (0.0 < value < 1.0) or math.isnan(value):
+        raise BadInput(f"ratio {value} is outside (0, 1); it is the fraction of channels to remove, e.g. --ratio 0.3")
+    return value
+
+
+def kept_width(n: int, ratio: float, round_to: int = 1) -> int:
+    """Channels kept in a group of ``n`` at compression ratio ``ratio``.
+
+    ``k = max(int(n * (1 - ratio)), 1)`` in float64, as in the papers (so int(64 * 0.7) = 44 and
+    1 - 0.9 = 0.0999... gives 6 of 64). ``round_to`` > 1 rounds k down to a multiple of it
+    (never below one multiple, never above n): a product option for hardware-friendly widths,
+    never used when reproducing paper numbers.
+    """
+    k = max(int(n * (1.0 - ratio)), 1)
+    if round_to > 1 and n > round_to:
+        k = max((k // round_to) * round_to, round_to)
+    return min(k, n)

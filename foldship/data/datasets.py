@@ -1,0 +1,144 @@
+"""Labelled image sets (``.npz`` arrays or image folders) and disjoint calibration images."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import BadInput
+from ..models.registry import Preprocessing
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+@dataclass
+class ImageSet:
+    """Preprocessed images (float32 NCHW) with optional integer labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    source: str
+    raw: torch.Tensor  # uint8 NCHW before normalisation, for overlap checks
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def load_images(path: str | Path, preprocessing: Preprocessing, limit: int | None = None,
+                num_classes: int | None = None, require_labels: bool = True) -> ImageSet:
+    """Load ``path`` (an ``.npz`` with uint8 NHWC ``x`` and int ``y``, or an image folder)."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"data {path} does not exist; pass a .npz file or an image folder to --data")
+    raw, y = _read_npz(path) if path.suffix == ".npz" else _read_folder(path, preprocessing)
+    if limit is not None:
+        raw, y = raw[:limit], (None if y is None else y[:limit])
+    if len(raw) == 0:
+        raise BadInput(f"data {path} holds no images; point --data at a non-empty dataset")
+    if require_labels and y is None:
+        raise BadInput(f"data {path} has no labels ('y' array or class folders); accuracy needs labelled data")
+    if y is not None and num_classes is not None and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise BadInput(f"data {path} has labels in [{int(y.min())}, {int(y.max())}] but the model has {num_classes} "
+                       f"classes; use the dataset the model was trained for or set num_classes")
+    return ImageSet(normalise(raw, preprocessing), y, str(path), raw)
+
+
+def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    try:
+        arrays = np.load(path, allow_pickle=False)
+        x = arrays["x"]
+        y = arrays["y"] if "y" in arrays.files else None
+    except KeyError:
+        raise BadInput(f"data {path} has no 'x' array; save images as x (uint8, N x H x W x 3) and labels as y") from None
+    except (ValueError, OSError) as exc:
+        raise BadInput(f"data {path} is not a readable .npz file ({exc})") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise BadInput(f"data {path}: x is {x.dtype} {x.shape}, expected uint8 images N x H x W x 3")
+    if y is not None and (y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer)):
+        raise BadInput(f"data {path}: y is {y.dtype} {y.shape}, expected {len(x)} integer labels")
+    raw = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
+    return raw, (None if y is None else torch.from_numpy(y.astype(np.int64)))
+
+
+def _read_folder(path: Path, preprocessing: Preprocessing) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from PIL import Image
+
+    if not path.is_dir():
+        raise BadInput(f"data {path} is neither a .npz file nor an image folder")
+    labels_csv = path / "labels.csv"
+    if labels_csv.exists():
+        with open(labels_csv, newline="") as f:
+            rows = [(path / r["filename"], int(r["class_index"])) for r in csv.DictReader(f)]
+    else:
+        classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+        rows = [(file, c) for c, name in enumerate(classes) for file in sorted((path / name).iterdir())
+                if file.suffix.lower() in IMAGE_SUFFIXES]
+        if not classes:
+            rows = [(file, -1) for file in sorted(path.iterdir()) if file.suffix.lower() in IMAGE_SUFFIXES]
+    images = []
+    for file, _ in rows:
+        try:
+            with Image.open(file) as image:
+                images.append(_resize_crop(image.convert("RGB"), preprocessing))
+        except OSError as exc:
+            raise BadInput(f"image {file} cannot be read ({exc}); remove or replace it") from None
+    if not images:
+        return torch.empty(0, 3, 1, 1, dtype=torch.uint8), None
+    labels = torch.tensor([c for _, c in rows], dtype=torch.long)
+    return torch.stack(images), (None if bool((labels < 0).any()) else labels)
+
+
+def _resize_crop(image, preprocessing: Preprocessing) -> torch.Tensor:
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    if preprocessing.resize:
+        image = TF.resize(image, preprocessing.resize, InterpolationMode(preprocessing.interpolation))
+    if preprocessing.crop:
+        image = TF.center_crop(image, preprocessing.crop)
+    return TF.pil_to_tensor(image)
+
+
+def normalise(raw: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """uint8 NCHW -> float32 in [0, 1] -> (x - mean) / std per channel."""
+    x = raw.to(torch.float32) / 255.0
+    if x.shape[1] != len(preprocessing.mean):
+        raise BadInput(f"images have {x.shape[1]} channels but the preprocessing has {len(preprocessing.mean)} means")
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def calibration_images(path: str | Path, preprocessing: Preprocessing, evaluation: ImageSet,
+                       count: int = 512, seed: int = 0) -> torch.Tensor:
+    """Up to ``count`` unlabelled images from ``path`` that are not (near-)copies of evaluation images.
+
+    A calibration image counts as a copy of an evaluation image when their 8x8 thumbnails differ
+    by less than 12/255 on average: that catches re-encoded (e.g. JPEG) versions of the same
+    picture, so calibration can never peek at the images the build is judged on.
+    """
+    pool = load_images(path, preprocessing, require_labels=False)
+    keep = ~near_duplicates(pool.raw, evaluation.raw)
+    candidates = torch.nonzero(keep).flatten()
+    if len(candidates) == 0:
+        raise BadInput(f"calibration data {path} only holds copies of the evaluation images; use other images")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]].sort().values
+    return pool.x[chosen]
+
+
+def near_duplicates(pool: torch.Tensor, reference: torch.Tensor, threshold: float = 12.0) -> torch.Tensor:
+    """Boolean mask over ``pool``: True where some ``reference`` image is a near-copy."""
+    def thumbs(images: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(images.to(torch.float32), 8).flatten(1)
+
+    a, b = thumbs(pool), thumbs(reference)
+    dup = torch.zeros(len(a), dtype=torch.bool)
+    for start in range(0, len(a), 1024):
+        dist = torch.cdist(a[start:start + 1024], b, p=1) / a.shape[1]
+        dup[start:start + 1024] = dist.min(1).values < threshold
+    return dup

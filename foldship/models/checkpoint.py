@@ -1,0 +1,72 @@
+"""Safe checkpoint reading: tensors only, no pickle code, unless the user trusts the file."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInput
+
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+def read_state_dict(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    """Read a state dict from a safetensors file or a torch checkpoint.
+
+    Torch checkpoints load with ``weights_only=True`` (no code runs). Wrapped dicts
+    (``{"state_dict": ...}``) are unwrapped and ``module.``-style prefixes stripped.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"checkpoint {path} does not exist; check the path given to --checkpoint")
+    if path.is_dir():
+        raise BadInput(f"checkpoint {path} is a folder; pass the checkpoint file itself")
+    if path.stat().st_size == 0:
+        raise BadInput(f"checkpoint {path} is empty (0 bytes); re-download or re-save it")
+    if path.suffix == ".safetensors":
+        obj = _read_safetensors(path)
+    else:
+        obj = _read_torch(path, trust_checkpoint)
+    return normalise_state_dict(obj, path)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BadInput(f"checkpoint {path} is not a readable safetensors file ({exc}); re-save it with safetensors.torch.save_file") from None
+
+
+def _read_torch(path: Path, trust_checkpoint: bool):
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=not trust_checkpoint)
+    except pickle.UnpicklingError as exc:
+        if trust_checkpoint:
+            raise BadInput(f"checkpoint {path} could not be unpickled ({str(exc).splitlines()[0]})") from None
+        raise BadInput(f"checkpoint {path} holds more than tensors (pickled code or objects), which foldship does not "
+                       f"run by default; re-save it as a state dict or safetensors, or pass --trust-checkpoint if you "
+                       f"trust its source") from None
+    except Exception as exc:  # a damaged pickle stream fails in many ways (EOFError, IndexError, ...)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInput(f"checkpoint {path} is corrupt or truncated ({first}); re-download or re-save it") from None
+
+
+def normalise_state_dict(obj, path: Path | str = "<memory>") -> dict[str, torch.Tensor]:
+    """Unwrap ``{"state_dict": ...}``-style containers and strip DataParallel-style prefixes."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    for key in WRAPPER_KEYS:
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BadInput(f"checkpoint {path} does not hold a state dict of tensors; save model.state_dict()")
+    out = dict(obj)
+    for prefix in PREFIXES:
+        if all(k.startswith(prefix) for k in out):
+            out = {k[len(prefix):]: v for k, v in out.items()}
+    return out

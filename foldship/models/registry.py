@@ -1,0 +1,155 @@
+"""Model registry: CLI names -> architecture factories with their default input and preprocessing.
+
+Names: ``cifar_resnet20`` ... ``cifar_resnet110`` (built in) and ``torchvision:<name>``.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import BadInput
+from .checkpoint import read_state_dict
+from .cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Preprocessing:
+    """How images become model inputs: optional resize and centre crop, then mean/std."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    resize: int | None = None
+    crop: int | None = None
+    interpolation: str = "bilinear"
+
+
+@dataclass
+class ModelSpec:
+    family: str
+    build: Callable[..., nn.Module]
+    input_shape: tuple[int, int, int]  # (C, H, W) of one sample
+    num_classes: int
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+
+
+@dataclass
+class LoadedModel:
+    """A trained model with what later stages need to know about it."""
+
+    name: str
+    model: nn.Module
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    preprocessing: Preprocessing
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+
+    def example_inputs(self, batch: int = 1) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(batch, *self.input_shape, generator=generator)
+
+
+def _cifar_specs() -> dict[str, ModelSpec]:
+    return {f"cifar_resnet{d}": ModelSpec("cifar_resnet", lambda num_classes=10, d=d: CifarResNet(d, num_classes),
+                                          (3, 32, 32), 10)
+            for d in CIFAR_RESNET_DEPTHS}
+
+
+BUILTIN_MODELS: dict[str, ModelSpec] = _cifar_specs()
+
+
+def model_spec(name: str, num_classes: int | None = None, input_size: int | None = None) -> ModelSpec:
+    """Resolve a model name to its spec; unknown names get a list of what exists."""
+    if name in BUILTIN_MODELS:
+        spec = BUILTIN_MODELS[name]
+    elif name.startswith("torchvision:"):
+        spec = _torchvision_spec(name.split(":", 1)[1])
+    else:
+        raise BadInput(f"unknown model {name!r}; use one of {', '.join(BUILTIN_MODELS)} or torchvision:<name> "
+                       f"(e.g. torchvision:resnet18)")
+    if num_classes is not None:
+        spec = ModelSpec(spec.family, spec.build, spec.input_shape, num_classes, spec.preprocessing)
+    if input_size is not None:
+        spec = ModelSpec(spec.family, spec.build, (spec.input_shape[0], input_size, input_size), spec.num_classes,
+                         spec.preprocessing)
+    return spec
+
+
+def _torchvision_spec(arch: str) -> ModelSpec:
+    import torchvision
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch not in available:
+        raise BadInput(f"unknown torchvision model {arch!r}; see torchvision.models.list_models(), e.g. resnet18")
+    build = lambda num_classes=1000: torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    preprocessing = Preprocessing(resize=256, crop=224)
+    return ModelSpec("torchvision", build, (3, 224, 224), 1000, preprocessing)
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(
+    name: str,
+    checkpoint: str | Path | None = None,
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    trust_checkpoint: bool = False,
+    preprocessing: Preprocessing | None = None,
+) -> LoadedModel:
+    """Build ``name`` and load ``checkpoint`` into it strictly (names and shapes must match)."""
+    spec = model_spec(name, num_classes, input_size)
+    model = spec.build(num_classes=spec.num_classes)
+    sha = None
+    if checkpoint is not None:
+        state = read_state_dict(checkpoint, trust_checkpoint)
+        load_strict(model, state, checkpoint, name)
+        sha = sha256_of(checkpoint)
+    model.eval()
+    return LoadedModel(name, model, spec.input_shape, spec.num_classes, preprocessing or spec.preprocessing,
+                       str(checkpoint) if checkpoint else None, sha)
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, name: str) -> None:
+    """Load ``state`` or refuse, naming missing, unexpected and mis-shaped tensors."""
+    own = model.state_dict()
+    shape_errors = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                    for k, v in state.items() if k in own and own[k].shape != v.shape]
+    dtype_errors = [f"{k} is {v.dtype}" for k, v in state.items()
+                    if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    result = None
+    if not shape_errors and not dtype_errors:
+        result = model.load_state_dict(state, strict=False)
+    missing = list(result.missing_keys) if result else [k for k in own if k not in state]
+    unexpected = list(result.unexpected_keys) if result else [k for k in state if k not in own]
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_short(unexpected)}")
+    if shape_errors:
+        problems.append(f"shape mismatches {_short(shape_errors)}")
+    if dtype_errors:
+        problems.append(f"non-float weights {_short(dtype_errors)}")
+    if problems:
+        raise BadInput(f"checkpoint {source} does not fit model {name}: {'; '.join(problems)}; "
+                       f"check --model (depth, width, num_classes) matches the checkpoint")
+
+
+def _short(keys: list[str], limit: int = 4) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more

@@ -1,0 +1,134 @@
+"""Shared fixtures: the real data in ../shared/data and a small model zoo used by every test file."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from foldship.data import load_images
+from foldship.models import load_model
+from foldship.models.registry import Preprocessing
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FOLDSHIP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CKPT = SHARED / "checkpoints" / "cifar10_resnet_akamaster"
+RESNET20 = CKPT / "resnet20-12fca82f.th"
+RESNET56 = CKPT / "resnet56-4bfd9763.th"
+CIFAR_LOSSLESS = SHARED / "cifar10" / "cifar10_test_first1000_lossless.npz"
+CIFAR_JPEG = SHARED / "cifar10" / "cifar10_test_10k_from_jpeg.npz"
+
+if not RESNET20.exists():
+    pytest.exit(f"real data not found at {SHARED}; tests need ../shared/data beside the checkout", returncode=2)
+
+
+@pytest.fixture(scope="session")
+def cifar_eval():
+    """The 1,000 lossless CIFAR-10 test images, normalised as the ResNet trainer did."""
+    return load_images(CIFAR_LOSSLESS, Preprocessing(), num_classes=10)
+
+
+@pytest.fixture(scope="session")
+def resnet20():
+    return load_model("cifar_resnet20", RESNET20)
+
+
+@pytest.fixture(scope="session")
+def resnet56():
+    return load_model("cifar_resnet56", RESNET56)
+
+
+class ResidualConcatNet(nn.Module):
+    """A small CNN with every construct the engine must couple: residual add, concat, BN, bias, linear."""
+
+    def __init__(self, width: int = 8, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(width)
+        self.a = nn.Conv2d(width, width, 3, padding=1)
+        self.a_bn = nn.BatchNorm2d(width)
+        self.b = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.b_bn = nn.BatchNorm2d(width)
+        self.left = nn.Conv2d(width, width, 1)
+        self.right = nn.Conv2d(width, width // 2, 1)
+        self.mix = nn.Conv2d(width + width // 2, width, 3, padding=1)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        s = torch.relu(self.stem_bn(self.stem(x)))
+        s = torch.relu(s + self.b_bn(self.b(torch.relu(self.a_bn(self.a(s))))))
+        cat = torch.cat([torch.relu(self.left(s)), torch.relu(self.right(s))], dim=1)
+        return self.head(torch.relu(self.mix(cat)).mean((2, 3)))
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics so that merges that get BN wrong show up."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model.eval()
+
+
+def cifar_resnet18(num_classes: int = 10) -> nn.Module:
+    """torchvision resnet18 in its CIFAR form (3x3 stem, no max-pool), as in the papers."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """Small models by name: each a (model, example input) pair with random weights."""
+    torch.manual_seed(0)
+    from foldship.models.cifar_resnet import CifarResNet
+
+    return {
+        "residual_concat": (randomise_bn(ResidualConcatNet()), torch.randn(2, 3, 8, 8)),
+        "cifar_resnet20": (randomise_bn(CifarResNet(20)), torch.randn(2, 3, 32, 32)),
+        "cifar_resnet18": (randomise_bn(cifar_resnet18()), torch.randn(2, 3, 32, 32)),
+    }
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``foldship`` CLI in a subprocess and capture its output."""
+    return subprocess.run([sys.executable, "-m", "foldship", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=900)
+
+
+def duplicate_channels(model: nn.Module, example) -> nn.Module:
+    """Make every group's channel j an exact copy of channel j + n/2, for any architecture.
+
+    Producer rows, biases and BN entries of the second half are set equal to the first half and
+    each consumer column pair is replaced by its mean, so the model computes exactly what a
+    half-width model would. Folding it at ratio 0.5 must then reproduce its outputs.
+    """
+    from foldship.compress.groups import DependencyAdapter, output_layers
+    from foldship.compress.slices import MEAN, item_slices
+
+    with torch.no_grad():
+        adapter = DependencyAdapter(model, example, output_layers(model, example))
+        for view in adapter.groups():
+            half = view.size // 2
+            for item in view.weighted_items:
+                for s in item_slices(item):
+                    moved = s.tensor.movedim(s.dim, 0)
+                    first, second = item.table[:half].flatten(), item.table[half:2 * half].flatten()
+                    if s.merge == MEAN:
+                        moved[second] = moved[first]
+                    else:
+                        mean = (moved[first] + moved[second]) / 2
+                        moved[first] = mean
+                        moved[second] = mean
+    return model

@@ -1,0 +1,88 @@
+"""The algebra of folding as projection (method.md sections 1 and 5), checked as properties."""
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from foldship.compress.engine import group_features, producer_scores, top_k
+from foldship.compress.groups import DependencyAdapter, output_layers
+from foldship.compress.kmeans import cluster, gram_embedding, inertia, lloyd, special_partition
+
+
+@st.composite
+def matrices(draw):
+    n = draw(st.integers(2, 24))
+    d = draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 10_000))
+    w = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    k = draw(st.integers(1, n))
+    return w, k, seed
+
+
+def projection(labels: torch.Tensor, k: int) -> torch.Tensor:
+    u = torch.nn.functional.one_hot(labels, k).to(torch.float64)
+    return u @ torch.diag(1.0 / u.sum(0)) @ u.T
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrices())
+def test_fold_is_an_orthogonal_projection_and_error_is_inertia(case):
+    w, k, seed = case
+    result = cluster(w, k, seed=seed, restarts=2)
+    labels = result.labels
+    assert sorted(set(labels.tolist())) == list(range(k))  # never an empty cluster
+    p = projection(labels, k)
+    assert torch.allclose(p, p.T) and torch.allclose(p @ p, p, atol=1e-12)
+    assert int(torch.linalg.matrix_rank(p)) == k
+    folded = p @ w
+    for c in range(k):  # folded rows are cluster means
+        assert torch.allclose(folded[labels == c], w[labels == c].mean(0).expand_as(folded[labels == c]))
+    assert abs(float(((w - folded) ** 2).sum()) - result.inertia) <= 1e-9 * max(1.0, result.inertia)
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrices())
+def test_rank_distance_one_bound(case):
+    w, k, seed = case
+    n = w.shape[0]
+    if k >= n:
+        return
+    kept = top_k(w.norm(dim=1), k)
+    dropped = [i for i in range(n) if i not in kept]
+    err_prune = float((w[dropped] ** 2).sum())
+    mu = w[dropped].mean(0)
+    err_special = inertia(w, special_partition(n, kept), k + 1)
+    assert abs(err_special - (err_prune - len(dropped) * float(mu @ mu))) <= 1e-9 * max(1.0, err_prune)
+    assert err_special <= err_prune + 1e-12
+    seeded = lloyd(w, special_partition(n, kept), k + 1)
+    assert seeded.inertia <= err_special + 1e-9
+    best = cluster(w, k + 1, seed=seed, start_partitions=(special_partition(n, kept),))
+    assert best.inertia <= err_prune + 1e-9
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 30), st.integers(31, 80), st.integers(0, 1000))
+def test_gram_embedding_preserves_inner_products(n, d, seed):
+    w = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    y = gram_embedding(w)
+    assert y.shape == (n, n)
+    assert torch.allclose(y @ y.T, w @ w.T, atol=1e-9 * float((w * w).sum()))
+
+
+def test_rank_distance_one_on_every_real_group(resnet56, zoo):
+    """fold with k+1 clusters never has more weight error than prune with k channels."""
+    from foldship.compress.engine import fold_labels
+
+    for model, x in ((resnet56.model, resnet56.example_inputs(2)), zoo["cifar_resnet18"]):
+        adapter = DependencyAdapter(model, x, output_layers(model, x))
+        checked = 0
+        for view in adapter.groups():
+            w = group_features(view)
+            scores = producer_scores(view, 2)
+            n = view.size
+            for k in (n // 2, int(n * 0.7)):
+                kept = top_k(scores, k)
+                err_prune = float((w[[i for i in range(n) if i not in kept]] ** 2).sum())
+                labels = fold_labels(w, k + 1, scores, [], seed=0, restarts=1)
+                assert inertia(w, labels, k + 1) <= err_prune * (1 + 1e-9)
+                checked += 1
+        assert checked >= 24
