@@ -12,9 +12,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .errors import FoldshipError
+from .errors import BadInput, FoldshipError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Compress trained PyTorch models by folding or pruning channels, export them to ONNX "
@@ -22,6 +23,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 # Wide enough for the summary table when output is piped (CI logs), as on a terminal.
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 out = Console(width=None if sys.stdout.isatty() else 120)
+out_console = out  # for commands whose --out option shadows the name
+
+GATE_OPTIONS = {  # shared by build and validate; each fails the run with exit 3
+    "max_accuracy_drop": typer.Option(None, help="Gate: fail if top-1 drops by more than this fraction (0.02 = 2 pt)."),
+    "min_agreement": typer.Option(None, help="Gate: fail if compressed and baseline agree on fewer top-1 (fraction)."),
+    "min_speedup": typer.Option(None, help="Gate: fail if ONNX Runtime CPU p50 speedup at the largest batch is lower."),
+    "max_p99_ms": typer.Option(None, help="Gate: fail if the compressed p99 on ONNX Runtime CPU at batch 1 is higher."),
+    "max_size_mb": typer.Option(None, help="Gate: fail if the compressed ONNX file is larger (MB, 10^6 bytes)."),
+}
 
 
 def _terminate(signum, frame):
@@ -34,11 +44,20 @@ def _run(fn) -> None:
     try:
         fn()
     except FoldshipError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # Escaped: messages hold literal brackets (pip install 'foldship[trt]') that rich would eat as markup.
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("[bold red]interrupted:[/] no partial output was kept")
         raise typer.Exit(130) from None
+
+
+def _warn_if_trusted(cfg) -> None:
+    """Say out loud that a trusted checkpoint is unpickled in full: any code inside it runs."""
+    if cfg.trust_checkpoint and cfg.checkpoint and not str(cfg.checkpoint).endswith(".safetensors"):
+        err.print(f"[bold yellow]warning:[/] --trust-checkpoint: {escape(str(cfg.checkpoint))} is loaded with full "
+                  f"pickle, which runs any code inside it; use it only for files from a source you trust",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -60,8 +79,16 @@ def build(
     seed: Optional[int] = typer.Option(None, help="Seed for clustering; same inputs and seed give the same bytes."),
     device: Optional[str] = typer.Option(None, help="Device for compression: cpu or cuda."),
     exporter: Optional[str] = typer.Option(None, help="ONNX exporter: dynamo (default) or legacy."),
-    max_accuracy_drop: Optional[float] = typer.Option(None, help="Gate: fail (exit 3) if top-1 drops by more (fraction)."),
-    min_speedup: Optional[float] = typer.Option(None, help="Gate: fail (exit 3) if ONNX Runtime speedup at the largest batch is lower."),
+    shrinker: Optional[str] = typer.Option(None, help="Graph shrinker: onnxslim (default), onnxsim or none."),
+    precision: Optional[str] = typer.Option(None, help="fp32 (default) or fp16 (also writes <name>.fp16.onnx)."),
+    target: Optional[str] = typer.Option(None, help="onnx (default) or tensorrt (also builds engines; needs "
+                                                    "TensorRT and an NVIDIA GPU)."),
+    batch: Optional[int] = typer.Option(None, help="The larger batch size timed besides batch 1 (default 64)."),
+    max_accuracy_drop: Optional[float] = GATE_OPTIONS["max_accuracy_drop"],
+    min_agreement: Optional[float] = GATE_OPTIONS["min_agreement"],
+    min_speedup: Optional[float] = GATE_OPTIONS["min_speedup"],
+    max_p99_ms: Optional[float] = GATE_OPTIONS["max_p99_ms"],
+    max_size_mb: Optional[float] = GATE_OPTIONS["max_size_mb"],
     overwrite: bool = typer.Option(False, help="Replace an existing run folder (only once the new one is complete)."),
     trust_checkpoint: bool = typer.Option(False, help="Allow pickled objects in the checkpoint (runs its code!)."),
     quiet: bool = typer.Option(False, help="No progress bars or summary table."),
@@ -78,15 +105,196 @@ def build(
 
         cfg = load_config(config, model=model, checkpoint=checkpoint, method=method, ratio=ratio, groups=groups,
                           repair=repair, calibration_data=calibration_data, round_to=round_to, data=data, limit=limit, out=out, seed=seed, device=device,
-                          exporter=exporter, max_accuracy_drop=max_accuracy_drop, min_speedup=min_speedup,
-                          overwrite=overwrite or None, trust_checkpoint=trust_checkpoint or None)
+                          exporter=exporter, shrinker=shrinker, precision=precision, target=target,
+                          batches=None if batch is None else [1, batch], max_accuracy_drop=max_accuracy_drop,
+                          min_agreement=min_agreement, min_speedup=min_speedup, max_p99_ms=max_p99_ms,
+                          max_size_mb=max_size_mb, overwrite=overwrite or None,
+                          trust_checkpoint=trust_checkpoint or None)
+        _warn_if_trusted(cfg)
         outcome = run_build(cfg, StageProgress(err, quiet=quiet))
         if not quiet:
             _print_summary(outcome.report, outcome.out)
-        if not outcome.passed:
-            failed = [g["name"] for g in outcome.report["gates"]["results"] if not g["passed"]]
-            err.print(f"[bold red]gate failed:[/] {', '.join(failed)} (report in {outcome.out})")
-            raise typer.Exit(3)
+        _exit_on_failed_gates(outcome.report, outcome.out)
+
+    _run(body)
+
+
+@app.command()
+def validate(
+    artifacts: list[Path] = typer.Argument(..., help="A run folder; or baseline.onnx compressed.onnx; or several "
+                                                     "run folders to compare (accuracy vs size, nothing re-run)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; CLI flags override its keys."),
+    data: Optional[str] = typer.Option(None, help="Labelled images (default: the run's data, else CIFAR-10 test)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate on the first N images only."),
+    mean: Optional[str] = typer.Option(None, help="Normalisation mean for two ONNX files, e.g. 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, help="Normalisation std for two ONNX files, e.g. 0.229,0.224,0.225."),
+    out: str = typer.Option("runs/validate", "--out", "-o", help="Folder to write (default runs/validate)."),
+    batch: Optional[int] = typer.Option(None, help="The larger batch size timed besides batch 1 (default 64)."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads for ONNX Runtime and PyTorch (0: all cores)."),
+    trials: Optional[int] = typer.Option(None, help="Blocks per model, alternating models (A B A B); samples pool."),
+    min_seconds: Optional[float] = typer.Option(None, help="Minimum time per latency measurement (default 1 s)."),
+    backend: Optional[list[str]] = typer.Option(None, help="Backend(s) to use (default: every one available)."),
+    max_accuracy_drop: Optional[float] = GATE_OPTIONS["max_accuracy_drop"],
+    min_agreement: Optional[float] = GATE_OPTIONS["min_agreement"],
+    min_speedup: Optional[float] = GATE_OPTIONS["min_speedup"],
+    max_p99_ms: Optional[float] = GATE_OPTIONS["max_p99_ms"],
+    max_size_mb: Optional[float] = GATE_OPTIONS["max_size_mb"],
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder (only once the new one is complete)."),
+    quiet: bool = typer.Option(False, help="No progress bars or summary table."),
+):
+    """Run the validation stage alone: accuracy, parity, agreement, latency and gates of a baseline and a
+    compressed model, written as report.json, report.md and latency.png."""
+    def body():
+        from .pipeline.config import load_config
+        from .pipeline.progress import StageProgress
+        from .pipeline.validate import is_sweep, sweep, validate_artifacts
+
+        if is_sweep(artifacts):
+            result = sweep(artifacts, out, overwrite)
+            if not quiet:
+                out_console.print(f"compared {len(result['runs'])} runs -> {out}/sweep.md, {out}/accuracy_vs_size.png")
+            return
+        cfg = load_config(config, limit=limit, out=out, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                          batches=None if batch is None else [1, batch], threads=threads, latency_trials=trials,
+                          latency_min_seconds=min_seconds, backends=backend or None,
+                          max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_speedup=min_speedup,
+                          max_p99_ms=max_p99_ms, max_size_mb=max_size_mb, overwrite=overwrite or None)
+        outcome = validate_artifacts(artifacts, cfg, data, StageProgress(err, quiet=quiet))
+        if not quiet:
+            _print_summary(outcome.report, outcome.out)
+        _exit_on_failed_gates(outcome.report, outcome.out)
+
+    _run(body)
+
+
+@app.command()
+def bench(
+    artifact: Path = typer.Argument(..., help="An .onnx file or a TensorRT .engine/.plan to time."),
+    batch: Optional[int] = typer.Option(None, help="The larger batch size timed besides batch 1 (default 64)."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads for ONNX Runtime (0: all cores)."),
+    trials: Optional[int] = typer.Option(None, help="Blocks per backend; samples pool."),
+    min_seconds: Optional[float] = typer.Option(None, help="Minimum time per measurement (default 1 s)."),
+    backend: Optional[list[str]] = typer.Option(None, help="Backend(s) to use (default: every one that can run it)."),
+    input_shape: Optional[str] = typer.Option(None, help="Input shape without the batch axis, e.g. 3,224,224 "
+                                                         "(default: the ONNX file's)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    quiet: bool = typer.Option(False, help="No progress bar or table."),
+):
+    """Time one artifact with the latency protocol: p50/p90/p99, throughput and peak memory per backend and batch."""
+    def body():
+        import json
+
+        from .pipeline.config import load_config
+        from .pipeline.progress import StageProgress
+        from .pipeline.validate import bench as run_bench
+
+        cfg = load_config(None, batches=None if batch is None else [1, batch], threads=threads, latency_trials=trials,
+                          latency_min_seconds=min_seconds, backends=backend or None)
+        shape = _floats(input_shape, "--input-shape")
+        result = run_bench(artifact, cfg, tuple(int(v) for v in shape) if shape else None,
+                           StageProgress(err, quiet=quiet))
+        if json_out is not None:
+            json_out.write_text(json.dumps(result, indent=2) + "\n")
+        if not quiet:
+            table = Table(title=f"{artifact} ({result['precision']}, {result['size_bytes'] / 1024:.0f} KiB)")
+            for column in ("backend", "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "throughput /s", "peak MB"):
+                table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=True)
+            for name, batches in result["latency"].items():
+                for key, s in batches.items():
+                    table.add_row(name, str(s["batch"]), str(s["runs"]), f"{s['p50_ms']:.2f}", f"{s['p90_ms']:.2f}",
+                                  f"{s['p99_ms']:.2f}", f"{s['throughput_per_s']:,.0f}", str(s["peak_memory_mb"]))
+            out.print(table)
+
+    _run(body)
+
+
+@app.command()
+def export(
+    run: Optional[Path] = typer.Option(None, "--run", help="A run folder from foldship build: re-export its "
+                                                           "baseline.onnx and compressed.onnx."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; CLI flags override its keys."),
+    model: Optional[str] = typer.Option(None, help="Model to export when no --run is given (see build --model)."),
+    checkpoint: Optional[str] = typer.Option(None, help="Trained weights for --model."),
+    data: Optional[str] = typer.Option(None, help="Real images for the checks (default: the CIFAR-10 test images)."),
+    limit: Optional[int] = typer.Option(None, help="Check on the first N images only."),
+    out: str = typer.Option("runs/export", "--out", "-o", help="Folder to write (default runs/export)."),
+    exporter: Optional[str] = typer.Option(None, help="ONNX exporter: dynamo (default) or legacy."),
+    shrinker: Optional[str] = typer.Option(None, help="Graph shrinker: onnxslim (default), onnxsim or none."),
+    precision: Optional[str] = typer.Option(None, help="fp32 (default) or fp16 (also writes <name>.fp16.onnx)."),
+    target: Optional[str] = typer.Option(None, help="onnx (default) or tensorrt (also builds engines)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder (only once the new one is complete)."),
+    trust_checkpoint: bool = typer.Option(False, help="Allow pickled objects in the checkpoint (runs its code!)."),
+    quiet: bool = typer.Option(False, help="No progress bars or summary table."),
+):
+    """Run the export stage alone: fuse -> ONNX -> shrink -> FP16 -> TensorRT, every step verified."""
+    def body():
+        from .errors import BadInput
+        from .pipeline.config import load_config
+        from .pipeline.export import export as run_export
+        from .pipeline.progress import StageProgress
+
+        if run is not None and (model or checkpoint):
+            raise BadInput("give either --run (a run folder) or --model/--checkpoint, not both")
+        cfg = load_config(config, model=model, checkpoint=checkpoint, data=data, limit=limit, out=out,
+                          exporter=exporter, shrinker=shrinker, precision=precision, target=target,
+                          overwrite=overwrite or None, trust_checkpoint=trust_checkpoint or None)
+        _warn_if_trusted(cfg)
+        outcome = run_export(cfg, run, StageProgress(err, quiet=quiet))
+        if not quiet:
+            _print_export_summary(outcome.report, outcome.out)
+        _exit_on_failed_gates(outcome.report, outcome.out)
+
+    _run(body)
+
+
+@app.command()
+def compress(
+    model: str = typer.Option(..., help="Model name: cifar_resnet20..110 or torchvision:<name>."),
+    checkpoint: Optional[str] = typer.Option(None, help="Trained weights (.th/.pt/.pth state dict or .safetensors)."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for compressed.json (widths) + compressed.safetensors."),
+    method: str = typer.Option("fold", help="fold, prune-l1 or prune-l2."),
+    ratio: float = typer.Option(0.3, help="Fraction of channels removed per group, in (0, 1)."),
+    groups: str = typer.Option("all", help="all: every group (paper); inner: keep residual streams whole."),
+    repair: str = typer.Option("none", help="none, fold-ar (data-free) or bn-recalibrate (needs --calibration-data)."),
+    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate."),
+    round_to: int = typer.Option(1, "--round-to", help="Round kept widths down to a multiple (e.g. 8)."),
+    seed: int = typer.Option(0, help="Clustering seed."),
+    device: str = typer.Option("cpu", help="Where compression runs: cpu or cuda."),
+    num_classes: Optional[int] = typer.Option(None, help="Classifier width for torchvision models."),
+    input_size: Optional[int] = typer.Option(None, help="Input height/width for the trace."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+):
+    """Run the compression stage alone: write the compressed model as a width spec plus safetensors.
+
+    Reload it with foldship.load_compressed(OUT), or export and validate it with `foldship export`.
+    """
+    def body():
+        import json
+
+        from .compress import compress_model
+        from .data import calibration_images
+        from .models import load_model
+        from .models.saved import SPEC_NAME, save_compressed
+        from .pipeline.run_folder import RunFolder
+
+        folder = RunFolder(out, overwrite)
+        try:
+            loaded = load_model(model, checkpoint, num_classes, input_size)
+            calibration = None
+            if calibration_data:  # no evaluation set in this stage: nothing to keep calibration apart from
+                calibration = calibration_images(calibration_data, loaded.preprocessing, None)
+            result = compress_model(loaded.model, loaded.example_inputs(2), method, ratio, seed, groups,
+                                    round_to=round_to, repair=repair, calibration=calibration, device=device)
+            save_compressed(result.model.cpu(), loaded, folder.path(SPEC_NAME), result.summary())
+            folder.path("compression.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+            final = folder.commit()
+        except BaseException:
+            folder.discard()
+            raise
+        done = sum(g.action in ("folded", "pruned") for g in result.groups)
+        out_console = Console()
+        out_console.print(f"{method} at ratio {ratio}: {done} of {len(result.groups)} groups compressed in "
+                          f"{result.seconds:.2f} s; residual streams {result.residual_streams} -> {final}")
 
     _run(body)
 
@@ -105,12 +313,16 @@ def inspect(
 
         loaded = load_model(model, checkpoint, num_classes, input_size)
         table = Table(title=f"channel groups of {model}")
-        for column in ("#", "group (root)", "kind", "channels", "coupled tensors"):
+        for column in ("#", "group (root)", "kind", "channels", "foldable", "coupled tensors"):
             table.add_column(column)
-        for i, group in enumerate(channel_groups(loaded.model, loaded.example_inputs(2))):
+        groups = channel_groups(loaded.model, loaded.example_inputs(2))
+        for i, group in enumerate(groups):
             members = ", ".join(f"{name}:{axis}" for name, axis in group.members)
-            table.add_row(str(i), group.name, group.kind, str(group.size), members)
+            table.add_row(str(i), group.name, group.kind, str(group.size), group.foldable, members)
         out.print(table)
+        kept = [g for g in groups if g.foldable != "yes"]
+        out.print(f"{len(groups)} groups; {len(groups) - len(kept)} foldable"
+                  + (f"; {len(kept)} stay whole under fold and prune alike (see 'foldable')" if kept else ""))
 
     _run(body)
 
@@ -118,14 +330,47 @@ def inspect(
 def _print_summary(report: dict, folder: str) -> None:
     from .pipeline.report import summary_rows
 
-    table = Table(title=f"{report['model']['name']}: {report['method']} at ratio {report['ratio']} -> {folder}")
+    title = report.get("title") or f"{report['model']['name']}: {report['method']} at ratio {report['ratio']}"
+    table = Table(title=f"{title} -> {folder}")
     for column, justify in (("metric", "left"), ("baseline", "right"), ("compressed", "right"), ("change", "right")):
         table.add_column(column, justify=justify, no_wrap=True)
     for row in summary_rows(report):
         table.add_row(*row)
     out.print(table)
+    fraction = report["speedup_vs_mac_ratio"]
     out.print(f"top-1 agreement {100 * report['agreement']['top1_agreement']:.1f}%, speedup / MAC reduction "
-              f"{report['speedup_vs_mac_ratio']:.2f}; residual streams {report['residual_streams']}")
+                      f"{'n/a' if fraction is None else f'{fraction:.2f}'}"
+                      + (f"; residual streams {report['residual_streams']}" if "residual_streams" in report else ""))
+
+
+def _exit_on_failed_gates(report: dict, folder: str) -> None:
+    failed = [g["name"] for g in report["gates"]["results"] if not g["passed"]]
+    if failed:
+        err.print(f"[bold red]gate failed:[/] {', '.join(failed)} (report in {folder})")
+        raise typer.Exit(3)
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise BadInput(f"{flag} takes comma-separated numbers, e.g. 0.485,0.456,0.406; got {text!r}") from None
+
+
+def _print_export_summary(report: dict, folder: str) -> None:
+    section = report["export"]
+    table = Table(title=f"export ({section['exporter']}, {section['shrinker']}, {section['precision']}, "
+                        f"{section['target']}) -> {folder}")
+    for column in ("model", "nodes", "size", "fp16 top-1 agreement", "engine"):
+        table.add_column(column, no_wrap=True)
+    for name, entry in section["models"].items():
+        fp16, engine = entry["fp16"], entry["engine"]
+        table.add_row(name, f"{entry['shrink']['nodes_before']} -> {entry['shrink']['nodes_after']}",
+                      f"{entry['onnx']['size_bytes'] / 1024:.0f} KiB",
+                      f"{100 * fp16['top1_agreement']:.1f}%" if fp16 else "-", engine["path"] if engine else "-")
+    out.print(table)
 
 
 def main() -> None:

@@ -42,6 +42,14 @@ def resnet56():
     return load_model("cifar_resnet56", RESNET56)
 
 
+@pytest.fixture(scope="session")
+def folded_resnet56(resnet56):
+    """The trained ResNet-56 folded at ratio 0.5 (paper defaults: every group, no repair)."""
+    from foldship.compress import compress
+
+    return compress(resnet56.model, resnet56.example_inputs(2), method="fold", ratio=0.5)
+
+
 class ResidualConcatNet(nn.Module):
     """A small CNN with every construct the engine must couple: residual add, concat, BN, bias, linear."""
 
@@ -80,12 +88,9 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def cifar_resnet18(num_classes: int = 10) -> nn.Module:
     """torchvision resnet18 in its CIFAR form (3x3 stem, no max-pool), as in the papers."""
-    import torchvision
+    from foldship.models.cifar_resnet import cifar_resnet18 as build
 
-    model = torchvision.models.resnet18(num_classes=num_classes)
-    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    model.maxpool = nn.Identity()
-    return model.eval()
+    return build(num_classes).eval()
 
 
 @pytest.fixture(scope="session")
@@ -101,10 +106,42 @@ def zoo():
     }
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the real ``foldship`` CLI in a subprocess and capture its output."""
-    return subprocess.run([sys.executable, "-m", "foldship", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=900)
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "foldship", *args]
+
+
+def run_cli(*args: str, cwd: Path | None = None, **options) -> subprocess.CompletedProcess:
+    """Run the real ``foldship`` CLI in a subprocess and capture its output (``options`` go to subprocess.run)."""
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, cwd=cwd or ROOT, timeout=900, **options)
+
+
+def duplicate_pairs(view, input_pairs: dict) -> tuple[list[int], list[int]]:
+    """Channel j pairs with j + n/2, except where an option-A shortcut routes the stream.
+
+    There, pass-through slots pair as their input channels paired in the previous stream and
+    padding slots pair among themselves, so the duplicated model folds back under the "mirror"
+    rule. ``input_pairs`` carries each shortcut's input pairing from stream to stream.
+    """
+    from foldship.models.cifar_resnet import PadShortcut
+
+    half = view.size // 2
+    first, second = list(range(half)), list(range(half, 2 * half))
+    for item in view.weighted_items:
+        if not isinstance(item.module, PadShortcut):
+            continue
+        module = item.module
+        if item.axis == "out":
+            slot_to_channel = {int(idx): c for c, idx in enumerate(item.table[:, 0].tolist())}
+            reading = {int(module.gather_index[slot]): slot_to_channel[slot]
+                       for slot in slot_to_channel if module.keep_mask[slot] > 0}
+            pads = [slot_to_channel[slot] for slot in sorted(slot_to_channel) if module.keep_mask[slot] == 0]
+            pairs = input_pairs[module]
+            first = [reading[a] for a, _ in pairs] + pads[:len(pads) // 2]
+            second = [reading[b] for _, b in pairs] + pads[len(pads) // 2:]
+    for item in view.weighted_items:
+        if isinstance(item.module, PadShortcut) and item.axis == "in":
+            input_pairs[item.module] = [(int(item.table[a, 0]), int(item.table[b, 0])) for a, b in zip(first, second)]
+    return first, second
 
 
 def duplicate_channels(model: nn.Module, example) -> nn.Module:
@@ -115,20 +152,24 @@ def duplicate_channels(model: nn.Module, example) -> nn.Module:
     half-width model would. Folding it at ratio 0.5 must then reproduce its outputs.
     """
     from foldship.compress.groups import DependencyAdapter, output_layers
-    from foldship.compress.slices import MEAN, item_slices
+    from foldship.compress.slices import MEAN, UnsupportedItem, item_slices
 
     with torch.no_grad():
         adapter = DependencyAdapter(model, example, output_layers(model, example))
+        input_pairs: dict = {}
         for view in adapter.groups():
-            half = view.size // 2
-            for item in view.weighted_items:
-                for s in item_slices(item):
-                    moved = s.tensor.movedim(s.dim, 0)
-                    first, second = item.table[:half].flatten(), item.table[half:2 * half].flatten()
-                    if s.merge == MEAN:
-                        moved[second] = moved[first]
-                    else:
-                        mean = (moved[first] + moved[second]) / 2
-                        moved[first] = mean
-                        moved[second] = mean
+            pairs = duplicate_pairs(view, input_pairs)
+            try:  # groups folding leaves whole (e.g. LayerNorm-coupled streams) stay as they are
+                slices = [(item, s) for item in view.weighted_items for s in item_slices(item)]
+            except UnsupportedItem:
+                continue
+            for item, s in slices:
+                moved = s.tensor.movedim(s.dim, 0)
+                first, second = item.table[pairs[0]].flatten(), item.table[pairs[1]].flatten()
+                if s.merge == MEAN:
+                    moved[second] = moved[first]
+                else:
+                    mean = (moved[first] + moved[second]) / 2
+                    moved[first] = mean
+                    moved[second] = mean
     return model

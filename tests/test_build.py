@@ -26,7 +26,19 @@ def demo_run(tmp_path_factory, fast_config):
 def test_build_writes_complete_run_folder(demo_run):
     result, out = demo_run
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["baseline.onnx", "compressed.onnx", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "baseline.onnx", "compressed.json", "compressed.onnx", "compressed.safetensors", "latency.png",
+        "latency_samples.json", "report.json", "report.md"]
+
+
+def test_run_folder_holds_the_compressed_model_as_data(demo_run):
+    import foldship
+    from foldship.validators import count_params
+
+    _, out = demo_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["saved_model"] == {"spec": "compressed.json", "weights": "compressed.safetensors"}
+    assert count_params(foldship.load_compressed(out).model) == report["compressed"]["params"] == 128_017
 
 
 def test_report_schema_and_real_numbers(demo_run):

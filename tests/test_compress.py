@@ -39,7 +39,7 @@ def test_resnet56_params(resnet56, ratio):
     assert count_params(out) == RESNET56_PARAMS[ratio]
 
 
-@pytest.mark.parametrize("name", ["residual_concat", "cifar_resnet18"])
+@pytest.mark.parametrize("name", ["residual_concat", "cifar_resnet18", "cifar_resnet20"])
 def test_duplicated_channels_fold_losslessly(zoo, name):
     model, x = zoo[name]
     wide = duplicate_channels(copy.deepcopy(model), x)

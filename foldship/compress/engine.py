@@ -179,7 +179,7 @@ def compress_model(
     group_ratios: dict[str, float] | None = None,
     protected: Sequence[str] | None = None,
     round_to: int = 1,
-    restarts: int = 10,
+    restarts: int = 4,
     repair: str = "none",
     calibration: torch.Tensor | None = None,
     device: str | torch.device = "cpu",

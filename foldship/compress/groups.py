@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch_pruning as tp
@@ -81,21 +81,54 @@ class ChannelGroup:
 
     name: str  # the root module (the first producer) and axis, e.g. "layer1.0.conv1"
     size: int
-    kind: str  # "stream" (a residual add joins it) or "inner"
+    kind: str  # "stream" (a residual add joins it), "inner", or "heads"
     members: list[tuple[str, str]] = field(default_factory=list)  # (module_name, axis)
+    foldable: str = "yes"  # "yes", or why compression leaves this group whole (fold and prune alike)
 
 
 class GroupView:
-    """A live Torch-Pruning group, read through plain index tables."""
+    """A coupled channel group, read through plain index tables (see ``items``)."""
+
+    name: str
+    size: int
+    kind: str
+    items: list[GroupItem]
+    norm_after: dict[nn.Module, nn.Module]
+
+    @property
+    def weighted_items(self) -> list[GroupItem]:
+        return [i for i in self.items if not i.weightless]
+
+    def as_data(self) -> ChannelGroup:
+        from .slices import UnsupportedItem, item_slices  # slices imports this module
+
+        members = [(i.name, i.axis) for i in self.weighted_items]
+        foldable = "yes"
+        if any(i.table.shape[1] == 0 for i in self.weighted_items):
+            foldable = "no: uneven channel mapping (partial split)"
+        else:
+            try:
+                for item in self.weighted_items:
+                    item_slices(item)
+            except UnsupportedItem as exc:
+                foldable = f"no: {exc}"
+        return ChannelGroup(self.name, self.size, self.kind, members, foldable)
+
+    def remove(self, channels: Sequence[int]) -> None:
+        """Remove the given group channels from every coupled tensor."""
+        raise NotImplementedError
+
+
+class TracedGroup(GroupView):
+    """A live Torch-Pruning group; removal goes through Torch-Pruning's pruners."""
 
     def __init__(self, adapter: "DependencyAdapter", tp_group):
         self._tp_group = tp_group
         self.norm_after = adapter.norm_after
         root = tp_group[0].dep.target.module
-        self.root = root
         self.name = adapter.names.get(root, type(root).__name__)
         self.size = len(tp_group[0].idxs)
-        self.items: list[GroupItem] = []
+        self.items = []
         graph = adapter.graph
         for item in tp_group.items:
             module = item.dep.target.module
@@ -104,18 +137,68 @@ class GroupView:
                                         _index_table(item.idxs, item.root_idxs, self.size)))
         self.kind = "stream" if any(_is_add(i.module) for i in self.items) else "inner"
 
-    @property
-    def weighted_items(self) -> list[GroupItem]:
-        return [i for i in self.items if not i.weightless]
-
-    def as_data(self) -> ChannelGroup:
-        members = [(i.name, i.axis) for i in self.weighted_items]
-        return ChannelGroup(self.name, self.size, self.kind, members)
-
     def remove(self, channels: Sequence[int]) -> None:
-        """Remove the given group channels from every coupled tensor."""
         if channels:
             self._tp_group.prune(idxs=sorted(int(c) for c in channels))
+
+
+@dataclass
+class GroupSpec:
+    """A group a tracer cannot see (e.g. attention heads), described by a family's group finder.
+
+    ``items`` name Linear layers and the axis and (n, e) table the group indexes in each;
+    ``hide`` lists modules the tracer must leave alone (they are covered here); ``after_remove``
+    patches shape attributes (e.g. ``num_heads``) once channels are removed.
+    """
+
+    name: str
+    kind: str
+    items: list[tuple[str, str, torch.Tensor]]
+    hide: list[str] = field(default_factory=list)
+    after_remove: Callable[[int], None] | None = None
+
+
+class ManualGroup(GroupView):
+    """A group from a ``GroupSpec``; removal slices the Linear layers directly."""
+
+    def __init__(self, adapter: "DependencyAdapter", spec: GroupSpec):
+        modules = dict(adapter.model.named_modules())
+        self.spec = spec
+        self.norm_after = adapter.norm_after
+        self.name, self.kind = spec.name, spec.kind
+        self.items = [GroupItem(name, modules[name], axis, table) for name, axis, table in spec.items]
+        self.size = spec.items[0][2].shape[0]
+
+    def remove(self, channels: Sequence[int]) -> None:
+        if not channels:
+            return
+        kept = sorted(set(range(self.size)) - {int(c) for c in channels})
+        for item in self.items:
+            index = item.table[kept].flatten()
+            layer = item.module
+            if not isinstance(layer, nn.Linear):
+                raise TypeError(f"GroupSpec items must be nn.Linear, got {type(layer).__name__} {item.name}")
+            if item.axis == "out":
+                layer.weight = nn.Parameter(layer.weight.data[index].clone())
+                if layer.bias is not None:
+                    layer.bias = nn.Parameter(layer.bias.data[index].clone())
+                layer.out_features = len(index)
+            else:
+                layer.weight = nn.Parameter(layer.weight.data[:, index].clone())
+                layer.in_features = len(index)
+        if self.spec.after_remove:
+            self.spec.after_remove(len(kept))
+
+
+# Group finders, by model family: each returns GroupSpecs for constructs a tracer cannot group.
+GroupFinder = Callable[[nn.Module], list[GroupSpec]]
+GROUP_FINDERS: list[GroupFinder] = []
+
+
+def register_group_finder(finder: GroupFinder) -> GroupFinder:
+    """Register a finder (usable as a decorator); it must return [] for models it does not know."""
+    GROUP_FINDERS.append(finder)
+    return finder
 
 
 def _is_add(module: nn.Module) -> bool:
@@ -151,6 +234,9 @@ class DependencyAdapter:
         self.names = {m: n for n, m in model.named_modules()}
         self.protected = list(protected)
         self.order, self.norm_after = trace_layers(model, example_inputs)
+        self.specs = [spec for finder in GROUP_FINDERS for spec in finder(model)]
+        modules = dict(model.named_modules())
+        self.hidden = [modules[name] for spec in self.specs for name in spec.hide]
         try:
             with torch.enable_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -162,10 +248,11 @@ class DependencyAdapter:
                            f"forward() runs on it") from exc
 
     def groups(self) -> Iterator[GroupView]:
-        """Fresh groups in execution order; safe to edit the model between yields."""
+        """Fresh groups in execution order, then finder groups; safe to edit the model between yields."""
         visited: set[nn.Module] = set()
+        skip = set(self.protected) | set(self.hidden)
         for module in self.order:
-            if module in visited or module in self.protected or module not in self.graph.module2node:
+            if module in visited or module in skip or module not in self.graph.module2node:
                 continue
             pruner = self.graph.get_pruner_of_module(module)
             tp_group = self.graph.get_pruning_group(module, pruner.prune_out_channels,
@@ -173,8 +260,10 @@ class DependencyAdapter:
             producers = [item.dep.target.module for item in tp_group
                          if self.graph.is_out_channel_pruning_fn(item.dep.handler)]
             visited.update(producers)
-            if not any(p in self.protected for p in producers):
-                yield GroupView(self, tp_group)
+            if not any(p in skip for p in producers):
+                yield TracedGroup(self, tp_group)
+        for spec in self.specs:
+            yield ManualGroup(self, spec)
 
 
 def trace_layers(model: nn.Module, example_inputs) -> tuple[list[nn.Module], dict[nn.Module, nn.Module]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,13 @@ class ImageSet:
 
 
 def load_images(path: str | Path, preprocessing: Preprocessing, limit: int | None = None,
-                num_classes: int | None = None, require_labels: bool = True) -> ImageSet:
-    """Load ``path`` (an ``.npz`` with uint8 NHWC ``x`` and int ``y``, or an image folder)."""
+                num_classes: int | None = None, require_labels: bool = True,
+                input_shape: tuple[int, ...] | None = None) -> ImageSet:
+    """Load ``path`` (an ``.npz`` with uint8 NHWC ``x`` and int ``y``, or an image folder).
+
+    With ``num_classes`` every label must be a class of the model; with ``input_shape`` (C, H, W)
+    the preprocessed images must have the model's input shape.
+    """
     path = Path(path)
     if not path.exists():
         raise BadInput(f"data {path} does not exist; pass a .npz file or an image folder to --data")
@@ -44,7 +50,11 @@ def load_images(path: str | Path, preprocessing: Preprocessing, limit: int | Non
     if y is not None and num_classes is not None and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise BadInput(f"data {path} has labels in [{int(y.min())}, {int(y.max())}] but the model has {num_classes} "
                        f"classes; use the dataset the model was trained for or set num_classes")
-    return ImageSet(normalise(raw, preprocessing), y, str(path), raw)
+    x = normalise(raw, preprocessing)
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        raise BadInput(f"data {path} gives images of shape {tuple(x.shape[1:])} (C, H, W) but the model takes "
+                       f"{tuple(input_shape)}; use images of the model's size or set input_size / resize / crop")
+    return ImageSet(x, y, str(path), raw)
 
 
 def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -54,10 +64,10 @@ def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         y = arrays["y"] if "y" in arrays.files else None
     except KeyError:
         raise BadInput(f"data {path} has no 'x' array; save images as x (uint8, N x H x W x 3) and labels as y") from None
-    except (ValueError, OSError) as exc:
-        raise BadInput(f"data {path} is not a readable .npz file ({exc})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # truncated or not an npz at all
+        raise BadInput(f"data {path} is not a readable .npz file ({exc}); re-save it with numpy.savez") from None
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise BadInput(f"data {path}: x is {x.dtype} {x.shape}, expected uint8 images N x H x W x 3")
+        raise BadInput(f"data {path}: x is {x.dtype} {x.shape}, expected uint8 images N x H x W x 3 (RGB, 0..255)")
     if y is not None and (y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer)):
         raise BadInput(f"data {path}: y is {y.dtype} {y.shape}, expected {len(x)} integer labels")
     raw = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
@@ -71,8 +81,11 @@ def _read_folder(path: Path, preprocessing: Preprocessing) -> tuple[torch.Tensor
         raise BadInput(f"data {path} is neither a .npz file nor an image folder")
     labels_csv = path / "labels.csv"
     if labels_csv.exists():
-        with open(labels_csv, newline="") as f:
-            rows = [(path / r["filename"], int(r["class_index"])) for r in csv.DictReader(f)]
+        try:
+            with open(labels_csv, newline="") as f:
+                rows = [(path / r["filename"], int(r["class_index"])) for r in csv.DictReader(f)]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadInput(f"{labels_csv} needs the columns filename,class_index with integer classes ({exc!r})") from None
     else:
         classes = sorted(p.name for p in path.iterdir() if p.is_dir())
         rows = [(file, c) for c, name in enumerate(classes) for file in sorted((path / name).iterdir())
@@ -88,6 +101,9 @@ def _read_folder(path: Path, preprocessing: Preprocessing) -> tuple[torch.Tensor
             raise BadInput(f"image {file} cannot be read ({exc}); remove or replace it") from None
     if not images:
         return torch.empty(0, 3, 1, 1, dtype=torch.uint8), None
+    sizes = sorted({tuple(image.shape) for image in images})
+    if len(sizes) > 1:
+        raise BadInput(f"images in {path} have different sizes {sizes[:3]}; set resize and crop so they match")
     labels = torch.tensor([c for _, c in rows], dtype=torch.long)
     return torch.stack(images), (None if bool((labels < 0).any()) else labels)
 
@@ -107,13 +123,14 @@ def normalise(raw: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
     """uint8 NCHW -> float32 in [0, 1] -> (x - mean) / std per channel."""
     x = raw.to(torch.float32) / 255.0
     if x.shape[1] != len(preprocessing.mean):
-        raise BadInput(f"images have {x.shape[1]} channels but the preprocessing has {len(preprocessing.mean)} means")
+        raise BadInput(f"images have {x.shape[1]} channel(s) but the model's preprocessing expects "
+                       f"{len(preprocessing.mean)}; convert the images (e.g. grayscale to RGB) or set mean and std")
     mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
-def calibration_images(path: str | Path, preprocessing: Preprocessing, evaluation: ImageSet,
+def calibration_images(path: str | Path, preprocessing: Preprocessing, evaluation: ImageSet | None,
                        count: int = 512, seed: int = 0) -> torch.Tensor:
     """Up to ``count`` unlabelled images from ``path`` that are not (near-)copies of evaluation images.
 
@@ -122,7 +139,9 @@ def calibration_images(path: str | Path, preprocessing: Preprocessing, evaluatio
     picture, so calibration can never peek at the images the build is judged on.
     """
     pool = load_images(path, preprocessing, require_labels=False)
-    keep = ~near_duplicates(pool.raw, evaluation.raw)
+    keep = torch.ones(len(pool), dtype=torch.bool)
+    if evaluation is not None:  # None: a stage run alone, with no evaluation set to keep apart from
+        keep = ~near_duplicates(pool.raw, evaluation.raw)
     candidates = torch.nonzero(keep).flatten()
     if len(candidates) == 0:
         raise BadInput(f"calibration data {path} only holds copies of the evaluation images; use other images")

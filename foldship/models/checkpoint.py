@@ -45,14 +45,29 @@ def _read_torch(path: Path, trust_checkpoint: bool):
     try:
         return torch.load(str(path), map_location="cpu", weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as exc:
-        if trust_checkpoint:
-            raise BadInput(f"checkpoint {path} could not be unpickled ({str(exc).splitlines()[0]})") from None
+        if trust_checkpoint or not _refused_object(str(exc)):
+            raise BadInput(f"checkpoint {path} is corrupt or truncated, not a readable torch checkpoint "
+                           f"({_pickle_reason(str(exc))}); re-download or re-save it") from None
         raise BadInput(f"checkpoint {path} holds more than tensors (pickled code or objects), which foldship does not "
                        f"run by default; re-save it as a state dict or safetensors, or pass --trust-checkpoint if you "
                        f"trust its source") from None
     except Exception as exc:  # a damaged pickle stream fails in many ways (EOFError, IndexError, ...)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadInput(f"checkpoint {path} is corrupt or truncated ({first}); re-download or re-save it") from None
+
+
+# How torch's weights-only unpickler refuses objects and code (any other refusal is a damaged stream).
+_OBJECT_REFUSALS = ("unsupported global", "unsupported class", "unrecognized function", "can only build")
+
+
+def _refused_object(message: str) -> bool:
+    return any(text in message.lower() for text in _OBJECT_REFUSALS)
+
+
+def _pickle_reason(message: str) -> str:
+    """The unpickler's own reason, without torch's advice to turn weights_only off."""
+    reason = message.split("WeightsUnpickler error:", 1)[-1].strip()
+    return reason.splitlines()[0] if reason else "unreadable pickle"
 
 
 def normalise_state_dict(obj, path: Path | str = "<memory>") -> dict[str, torch.Tensor]:

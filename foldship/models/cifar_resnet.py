@@ -95,3 +95,13 @@ class CifarResNet(nn.Module):
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
+
+
+def cifar_resnet18(num_classes: int = 10) -> nn.Module:
+    """torchvision's resnet18 in its CIFAR form (3x3 stem conv, no max-pool), as in the folding papers."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model

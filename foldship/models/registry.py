@@ -1,6 +1,7 @@
 """Model registry: CLI names -> architecture factories with their default input and preprocessing.
 
-Names: ``cifar_resnet20`` ... ``cifar_resnet110`` (built in) and ``torchvision:<name>``.
+Names: ``cifar_resnet20`` ... ``cifar_resnet110`` and ``cifar_resnet18`` (built in),
+``torchvision:<name>`` and ``hf:<hub id or folder>``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from ..errors import BadInput
 from .checkpoint import read_state_dict
-from .cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet
+from .cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet, cifar_resnet18
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,14 +54,17 @@ class LoadedModel:
     checkpoint_sha256: str | None = None
 
     def example_inputs(self, batch: int = 1) -> torch.Tensor:
+        if hasattr(self.model, "example_inputs"):  # models whose inputs are not images (hf: token ids)
+            return self.model.example_inputs(batch)
         generator = torch.Generator().manual_seed(0)
         return torch.randn(batch, *self.input_shape, generator=generator)
 
 
 def _cifar_specs() -> dict[str, ModelSpec]:
-    return {f"cifar_resnet{d}": ModelSpec("cifar_resnet", lambda num_classes=10, d=d: CifarResNet(d, num_classes),
-                                          (3, 32, 32), 10)
-            for d in CIFAR_RESNET_DEPTHS}
+    specs = {f"cifar_resnet{d}": ModelSpec("cifar_resnet", lambda num_classes=10, d=d: CifarResNet(d, num_classes),
+                                           (3, 32, 32), 10)
+             for d in CIFAR_RESNET_DEPTHS}
+    return specs | {"cifar_resnet18": ModelSpec("cifar_resnet", cifar_resnet18, (3, 32, 32), 10)}
 
 
 BUILTIN_MODELS: dict[str, ModelSpec] = _cifar_specs()
@@ -72,9 +76,12 @@ def model_spec(name: str, num_classes: int | None = None, input_size: int | None
         spec = BUILTIN_MODELS[name]
     elif name.startswith("torchvision:"):
         spec = _torchvision_spec(name.split(":", 1)[1])
+    elif name.startswith("hf:"):
+        from .hf import hf_spec  # transformers is an optional extra: import it only when asked for
+        spec = hf_spec(name.split(":", 1)[1])
     else:
-        raise BadInput(f"unknown model {name!r}; use one of {', '.join(BUILTIN_MODELS)} or torchvision:<name> "
-                       f"(e.g. torchvision:resnet18)")
+        raise BadInput(f"unknown model {name!r}; use one of {', '.join(BUILTIN_MODELS)}, torchvision:<name> "
+                       f"(e.g. torchvision:resnet18) or hf:<hub id or model folder>")
     if num_classes is not None:
         spec = ModelSpec(spec.family, spec.build, spec.input_shape, num_classes, spec.preprocessing)
     if input_size is not None:
@@ -122,6 +129,26 @@ def load_model(
                        str(checkpoint) if checkpoint else None, sha)
 
 
+def check_forward(loaded: LoadedModel) -> None:
+    """Run the model once on a random batch of its declared input shape, or refuse in one line.
+
+    Tracing, export and validation all need a forward that returns one (batch, classes) logits
+    tensor; checking it here turns a deep traceback later into a clear message now.
+    """
+    shape = (2, *loaded.input_shape)
+    try:
+        with torch.no_grad():
+            out = loaded.model(loaded.example_inputs(2))
+    except Exception as exc:  # a model can fail on a wrong input in any way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BadInput(f"model {loaded.name} cannot run on inputs of shape {shape} ({type(exc).__name__}: {first}); "
+                       f"set input_size to the image size the model was built for") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, loaded.num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise BadInput(f"model {loaded.name} returns {got} for inputs of shape {shape}, not logits of shape "
+                       f"(2, {loaded.num_classes}); foldship compresses classifiers that return one logits tensor")
+
+
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, name: str) -> None:
     """Load ``state`` or refuse, naming missing, unexpected and mis-shaped tensors."""
     own = model.state_dict()
@@ -129,8 +156,15 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, name: 
                     for k, v in state.items() if k in own and own[k].shape != v.shape]
     dtype_errors = [f"{k} is {v.dtype}" for k, v in state.items()
                     if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if dtype_errors:
+        raise BadInput(f"checkpoint {source} has non-float weights ({short_list(dtype_errors)}) where model {name} "
+                       f"needs floating point; pass the float checkpoint saved before quantisation")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise BadInput(f"checkpoint {source} holds NaN or infinite values in {short_list(nonfinite)}; the training "
+                       f"diverged or the file is damaged: pass a healthy checkpoint")
     result = None
-    if not shape_errors and not dtype_errors:
+    if not shape_errors:
         result = model.load_state_dict(state, strict=False)
     missing = list(result.missing_keys) if result else [k for k in own if k not in state]
     unexpected = list(result.unexpected_keys) if result else [k for k in state if k not in own]
@@ -138,18 +172,16 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, name: 
     unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
     problems = []
     if missing:
-        problems.append(f"missing keys {_short(missing)}")
+        problems.append(f"missing keys {short_list(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys {_short(unexpected)}")
+        problems.append(f"unexpected keys {short_list(unexpected)}")
     if shape_errors:
-        problems.append(f"shape mismatches {_short(shape_errors)}")
-    if dtype_errors:
-        problems.append(f"non-float weights {_short(dtype_errors)}")
+        problems.append(f"shape mismatches {short_list(shape_errors)}")
     if problems:
         raise BadInput(f"checkpoint {source} does not fit model {name}: {'; '.join(problems)}; "
                        f"check --model (depth, width, num_classes) matches the checkpoint")
 
 
-def _short(keys: list[str], limit: int = 4) -> str:
+def short_list(keys: list[str], limit: int = 4) -> str:
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more

@@ -9,21 +9,19 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
-import numpy as np
 
 from ..compress.engine import compress_model
 from ..data import calibration_images, load_images
-from ..exporters import export_onnx
-from ..models.registry import LoadedModel, Preprocessing, load_model
-from ..validators import agreement, count_macs, count_params, evaluate_gates, evaluate_onnx, evaluate_torch
-from ..validators.latency import LatencyProtocol, time_onnx, time_torch
+from ..exporters import export_model, export_report
+from ..models.registry import LoadedModel, Preprocessing, check_forward, load_model
+from ..models.saved import SPEC_NAME, NotDescribable, save_compressed
+from ..validators import count_macs, count_params, run_folder_artifacts, torch_artifact
+from ..validators.stage import validate
 from .config import BuildConfig
 from .environment import fingerprint
 from .progress import StageProgress
-from .report import render_markdown
+from .report import write_report
 from .run_folder import RunFolder
-
-BACKENDS = ("onnxruntime-cpu", "torch-cpu")
 
 
 @dataclass
@@ -43,6 +41,7 @@ def load_from_config(config: BuildConfig) -> LoadedModel:
         base = loaded.preprocessing
         loaded.preprocessing = dataclasses.replace(base, mean=tuple(config.mean or base.mean),
                                                    std=tuple(config.std or base.std))
+    check_forward(loaded)
     return loaded
 
 
@@ -50,23 +49,18 @@ def build(config: BuildConfig, progress: StageProgress | None = None) -> BuildOu
     """Run every stage and write the run folder; bad input raises BadInput before anything is kept."""
     progress = progress or StageProgress(quiet=True)
     config.validate()
-    folder = RunFolder(config.out, config.overwrite)
-    try:
-        report = _run_stages(config, folder, progress)
-        folder.write_json("report.json", report)
-        folder.path("report.md").write_text(render_markdown(report))
-        out = folder.commit()
-    except BaseException:
-        folder.discard()
-        raise
-    return BuildOutcome(report, str(out))
+    with RunFolder(config.out, config.overwrite) as folder:  # commits whole, or discards on any error or signal
+        report, latency_samples = _run_stages(config, folder, progress)
+        write_report(folder.staging, report, latency_samples)
+    return BuildOutcome(report, str(folder.final))
 
 
-def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress) -> dict:
+def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress) -> tuple[dict, dict]:
     with progress.stage("load model"):
         loaded = load_from_config(config)
     with progress.stage("load data"):
-        data = load_images(config.data, loaded.preprocessing, config.limit, loaded.num_classes)
+        data = load_images(config.data, loaded.preprocessing, config.limit, loaded.num_classes,
+                           input_shape=loaded.input_shape)
         calibration = None
         if config.calibration_data:
             calibration = calibration_images(config.calibration_data, loaded.preprocessing, data,
@@ -77,53 +71,32 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress)
                                 config.group_ratios, config.protected, config.round_to, repair=config.repair,
                                 calibration=calibration, device=config.device, progress=advance)
     compressed = result.model.cpu().eval()
-    with progress.stage("export ONNX", total=2) as advance:
-        base_onnx = export_onnx(loaded.model, example, folder.path("baseline.onnx"), config.exporter)
-        advance()
-        comp_onnx = export_onnx(compressed, example, folder.path("compressed.onnx"), config.exporter)
-        advance()
-    with progress.stage("evaluate", total=4) as advance:
-        predictions = {}
-        for key, model, onnx_file in (("baseline", loaded.model, base_onnx), ("compressed", compressed, comp_onnx)):
-            predictions[key, "torch"] = evaluate_torch(model, data.x)
+    try:  # the compressed model as data (width spec + safetensors), rebuilt by foldship.load_compressed
+        spec = save_compressed(compressed, loaded, folder.path(SPEC_NAME), {
+            "method": config.method, "ratio": config.ratio, "seed": config.seed, "groups_policy": config.groups,
+            "repair": config.repair, "round_to": config.round_to})
+        saved_model = {"spec": spec.name, "weights": spec.with_suffix(".safetensors").name}
+    except NotDescribable as exc:  # the ONNX files still ship; the report says why the spec does not
+        saved_model = {"skipped": str(exc)}
+    export_options = config.export_options()
+    with progress.stage("export (fuse, ONNX, shrink)", total=2) as advance:
+        exported = []
+        for key, model in (("baseline", loaded.model), ("compressed", compressed)):
+            exported.append(export_model(model, example, folder.staging, key, export_options, data.x))
             advance()
-            predictions[key, "onnx"] = evaluate_onnx(onnx_file.path, data.x, config.threads or None)
-            advance()
-    protocol = LatencyProtocol(min_seconds=config.latency_min_seconds, threads=config.threads)
-    latency: dict[str, dict] = {"baseline": {b: {} for b in BACKENDS}, "compressed": {b: {} for b in BACKENDS}}
-    with progress.stage("time (own block per model)", total=4 * len(config.batches)) as advance:
-        for key, model, onnx_file in (("baseline", loaded.model, base_onnx), ("compressed", compressed, comp_onnx)):
-            for batch in config.batches:
-                latency[key]["onnxruntime-cpu"][f"batch{batch}"] = time_onnx(
-                    onnx_file.path, loaded.input_shape, batch, protocol).as_dict()
-                advance()
-            for batch in config.batches:
-                latency[key]["torch-cpu"][f"batch{batch}"] = time_torch(
-                    model, loaded.input_shape, batch, protocol).as_dict()
-                advance()
-    labels = data.y.numpy()
+    base_onnx, comp_onnx = exported[0].onnx, exported[1].onnx
+    artifacts = [torch_artifact("baseline.pytorch", loaded.model), torch_artifact("compressed.pytorch", compressed),
+                 *run_folder_artifacts(folder.staging)]
+    macs = {"baseline": count_macs(loaded.model, example), "compressed": count_macs(compressed, example)}
+    fp16 = [e.fp16 for e in exported if e.fp16]
+    validation = validate(artifacts, data.x, data.y, loaded.num_classes, loaded.input_shape,
+                          config.validation_settings(), config.gate_limits() | {
+                              "min_fp16_agreement": config.min_fp16_agreement if fp16 else None},
+                          macs, progress, {"fp16_agreement": min(f.top1_agreement for f in fp16) if fp16 else None})
     sides = {}
     for key, model, onnx_file in (("baseline", loaded.model, base_onnx), ("compressed", compressed, comp_onnx)):
-        onnx_pred = predictions[key, "onnx"]
-        sides[key] = {
-            "params": count_params(model),
-            "macs": count_macs(model, example),
-            "accuracy": onnx_pred.correct(labels) / len(labels),
-            "correct": onnx_pred.correct(labels),
-            "total": len(labels),
-            "torch_correct": predictions[key, "torch"].correct(labels),
-            "onnx": asdict(onnx_file) | {"path": "baseline.onnx" if key == "baseline" else "compressed.onnx"},
-            "latency": latency[key],
-        }
-    speedup = {b: {batch: sides["baseline"]["latency"][b][batch]["p50_ms"] / sides["compressed"]["latency"][b][batch]["p50_ms"]
-                   for batch in sides["baseline"]["latency"][b]} for b in BACKENDS}
-    mac_ratio = sides["compressed"]["macs"] / sides["baseline"]["macs"]
-    largest = f"batch{max(config.batches)}"
-    measured = {
-        "accuracy_drop": sides["baseline"]["accuracy"] - sides["compressed"]["accuracy"],
-        "speedup": speedup["onnxruntime-cpu"][largest],
-    }
-    gates = evaluate_gates(measured, {"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup})
+        sides[key] = {"params": count_params(model), "macs": macs[key], **validation.report[key],
+                      "onnx": asdict(onnx_file) | {"path": f"{key}.onnx"}}
     compression = result.summary()
     compression["groups_compressed"] = sum(g["action"] in ("folded", "pruned") for g in compression["groups"])
     return {
@@ -143,23 +116,10 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress)
         "round_to": config.round_to,
         "device": config.device,
         "compression": compression,
-        "baseline": sides["baseline"],
-        "compressed": sides["compressed"],
-        "agreement": agreement(predictions["baseline", "onnx"], predictions["compressed", "onnx"]),
-        "onnx_parity": {
-            "baseline_top1_match": int((predictions["baseline", "onnx"].top1 == predictions["baseline", "torch"].top1).sum()),
-            "compressed_top1_match": int((predictions["compressed", "onnx"].top1 == predictions["compressed", "torch"].top1).sum()),
-            "baseline_max_abs_error": _max_abs(predictions["baseline", "onnx"].logits, predictions["baseline", "torch"].logits),
-            "compressed_max_abs_error": _max_abs(predictions["compressed", "onnx"].logits, predictions["compressed", "torch"].logits),
-        },
-        "mac_ratio": mac_ratio,
-        "speedup": speedup,
-        "speedup_vs_mac_ratio": speedup["onnxruntime-cpu"][largest] * mac_ratio,
-        "latency_protocol": asdict(protocol) | {"order": "each model timed in its own block, batches in order"},
+        "saved_model": saved_model,
+        **validation.report,
+        **sides,
+        "export": export_report(export_options, exported),
         "environment": fingerprint(),
-        "gates": {"passed": all(g.passed for g in gates), "results": [g.as_dict() for g in gates]},
-    }
+    }, validation.samples
 
-
-def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())

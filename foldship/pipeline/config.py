@@ -6,13 +6,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from ..compress.engine import GROUP_POLICIES, METHODS
 from ..compress.repairs import REPAIRS
 from ..compress.widths import check_ratio
 from ..errors import BadInput
-from ..exporters import EXPORTERS
+from ..exporters import ExportOptions, TrtSettings
+from ..validators.artifacts import OrtSettings
+from ..validators.gates import GATES, check_limits
+from ..validators.latency import LatencyProtocol
+from ..validators.stage import ValidationSettings
 
 # The project's real checkpoints and images live beside the checkout (never copied into it).
 SHARED_DATA = Path(os.environ.get("FOLDSHIP_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
@@ -43,11 +48,33 @@ class BuildConfig:
     std: list[float] | None = None
     limit: int | None = None  # evaluate on the first N images only
     exporter: str = "dynamo"
+    shrinker: str = "onnxslim"  # onnxslim, onnxsim or none; every pass is checked in ONNX Runtime
+    precision: str = "fp32"  # fp16 also writes <name>.fp16.onnx (FP16 weights and compute, FP32 I/O)
+    target: str = "onnx"  # tensorrt also builds <name>[.fp16].engine + .json sidecar on this machine's GPU
+    trt_min_batch: int = 1  # TensorRT optimisation profile for the batch axis
+    trt_opt_batch: int = 64
+    trt_max_batch: int = 256
+    trt_workspace_mib: int = 4096
+    trt_builder_level: int = 3
+    trt_timing_cache: str | None = None  # default: one per (TensorRT, GPU) under ~/.cache/foldship/tensorrt
+    min_fp16_agreement: float | None = 0.99  # gate with precision fp16: FP16 vs FP32 top-1 agreement
     batches: list[int] = field(default_factory=lambda: [1, 64])
     latency_min_seconds: float = 1.0
+    latency_warmup: int = 10  # untimed runs before each measurement
+    latency_min_runs: int = 20
+    latency_max_runs: int = 1000
+    latency_trials: int = 1  # blocks per model; 2+ alternate the models block by block (A B A B)
+    latency_clock: str = "wall"  # cpu: CPU time of the one compute thread, robust on a busy machine
     threads: int = 0
+    backends: list[str] | None = None  # timed and evaluated backends; default: every one this machine has
+    ort_optimization: str = "all"  # ONNX Runtime graph optimization level: basic, extended or all
+    ort_spinning: bool = False  # let idle ONNX Runtime threads spin between runs
+    cuda_graphs: bool = False  # PyTorch CUDA latency: replay one captured CUDA graph per run
     max_accuracy_drop: float | None = None
+    min_agreement: float | None = None
     min_speedup: float | None = None
+    max_p99_ms: float | None = None
+    max_size_mb: float | None = None
     trust_checkpoint: bool = False
     overwrite: bool = False
 
@@ -61,20 +88,35 @@ class BuildConfig:
         if self.repair == "bn-recalibrate" and not self.calibration_data:
             raise BadInput("--repair bn-recalibrate needs --calibration-data PATH (unlabelled images, never the "
                            "evaluation set)")
-        if self.exporter not in EXPORTERS:
-            raise BadInput(f"unknown exporter {self.exporter!r}; choose one of {', '.join(EXPORTERS)}")
+        self.export_options().validate()
+        if self.min_fp16_agreement is not None and not 0 <= self.min_fp16_agreement <= 1:
+            raise BadInput(f"min_fp16_agreement is a fraction in [0, 1], got {self.min_fp16_agreement}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise BadInput(f"unknown device {self.device!r}; use cpu or cuda")
+        if self.device != "cpu" and not torch.cuda.is_available():
+            raise BadInput(f"--device {self.device} needs an NVIDIA GPU that PyTorch can use, and none is visible; "
+                           f"use --device cpu")
         self.ratio = check_ratio(self.ratio)
         if self.round_to < 1:
             raise BadInput(f"round_to must be >= 1, got {self.round_to}")
-        if not self.batches or any(int(b) < 1 for b in self.batches):
-            raise BadInput(f"batches must be positive integers, got {self.batches}")
-        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 1:
-            raise BadInput(f"--max-accuracy-drop is a fraction in [0, 1] (0.02 = 2 points), got {self.max_accuracy_drop}")
-        if self.min_speedup is not None and self.min_speedup <= 0:
-            raise BadInput(f"--min-speedup must be positive (1.2 = 20% faster), got {self.min_speedup}")
+        self.validation_settings()
+        check_limits(self.gate_limits())
         return self
+
+    def validation_settings(self) -> ValidationSettings:
+        protocol = LatencyProtocol(self.latency_warmup, self.latency_min_runs, self.latency_min_seconds,
+                                   self.latency_max_runs, self.threads, self.latency_trials, self.cuda_graphs,
+                                   self.latency_clock)
+        return ValidationSettings(list(self.batches), protocol, OrtSettings(self.ort_spinning, self.ort_optimization),
+                                  self.backends).validate()
+
+    def gate_limits(self) -> dict[str, float | None]:
+        return {name: getattr(self, name) for name in GATES}
+
+    def export_options(self) -> ExportOptions:
+        return ExportOptions(self.exporter, self.shrinker, self.precision, self.target,
+                             TrtSettings(self.trt_min_batch, self.trt_opt_batch, self.trt_max_batch,
+                                         self.trt_workspace_mib, self.trt_builder_level, self.trt_timing_cache))
 
 
 def load_config(path: str | Path | None = None, **overrides) -> BuildConfig:

@@ -1,5 +1,20 @@
-"""report.json (for machines) and report.md (for people) of a build."""
+"""The files a run leaves for people and machines.
+
+``report.json`` (every number), ``report.md`` (a summary read in ten seconds), ``latency.png``
+(latency distributions, baseline vs compressed), ``latency_samples.json`` (the raw samples
+behind the plot), and, for several run folders, ``sweep.md`` + ``accuracy_vs_size.png``.
+"""
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInput
+
+PLOT_DPI = 80
 
 
 def _fmt_pct(x: float | None) -> str:
@@ -10,57 +25,283 @@ def _fmt_int(x: int | None) -> str:
     return "n/a" if x is None else f"{x:,}"
 
 
+def _fmt_size(size_bytes: int) -> str:
+    return f"{size_bytes / 1024:.0f} KiB" if size_bytes < 10 * 2**20 else f"{size_bytes / 2**20:.1f} MiB"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.3f}x" if a is not None and b else "n/a"
+
+
 def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     """(metric, baseline, compressed, change) rows shared by report.md and the terminal table."""
     base, comp = report["baseline"], report["compressed"]
     rows = [
-        ("params", _fmt_int(base["params"]), _fmt_int(comp["params"]), f"{comp['params'] / base['params']:.3f}x"),
-        ("MACs / sample", _fmt_int(base["macs"]), _fmt_int(comp["macs"]), f"{report['mac_ratio']:.3f}x"),
         ("top-1 (ONNX Runtime)", f"{_fmt_pct(base['accuracy'])} ({base['correct']}/{base['total']})",
          f"{_fmt_pct(comp['accuracy'])} ({comp['correct']}/{comp['total']})",
          f"{100 * (comp['accuracy'] - base['accuracy']):+.1f} pt"),
-        ("ONNX size", f"{base['onnx']['size_bytes'] / 1024:.0f} KiB", f"{comp['onnx']['size_bytes'] / 1024:.0f} KiB",
-         f"{comp['onnx']['size_bytes'] / base['onnx']['size_bytes']:.3f}x"),
     ]
+    if base.get("top5_accuracy") is not None:
+        rows.append(("top-5 (ONNX Runtime)", _fmt_pct(base["top5_accuracy"]), _fmt_pct(comp["top5_accuracy"]),
+                     f"{100 * (comp['top5_accuracy'] - base['top5_accuracy']):+.1f} pt"))
+    rows.append(("top-1 agreement with baseline", "", _fmt_pct(report["agreement"]["top1_agreement"]), ""))
+    if "params" in base:
+        rows.append(("params", _fmt_int(base["params"]), _fmt_int(comp["params"]), _ratio(comp["params"], base["params"])))
+    if report.get("mac_ratio") is not None:
+        rows.append(("MACs / sample", _fmt_int(base.get("macs")), _fmt_int(comp.get("macs")), f"{report['mac_ratio']:.3f}x"))
+    rows.append(("ONNX size", _fmt_size(base["size_bytes"]), _fmt_size(comp["size_bytes"]),
+                 _ratio(comp["size_bytes"], base["size_bytes"])))
     for backend, batches in base["latency"].items():
         for batch, stats in batches.items():
-            c = comp["latency"][backend][batch]
-            rows.append((f"{backend} {batch} p50", f"{stats['p50_ms']:.2f} ms", f"{c['p50_ms']:.2f} ms",
+            c = comp["latency"].get(backend, {}).get(batch)
+            if c is None:
+                continue
+            rows.append((f"{backend} {batch} p50 / p90 / p99", _percentiles(stats), _percentiles(c),
                          f"{report['speedup'][backend][batch]:.2f}x speed"))
+            rows.append((f"{backend} {batch} throughput", f"{stats['throughput_per_s']:,.0f} /s",
+                         f"{c['throughput_per_s']:,.0f} /s", _ratio(c["throughput_per_s"], stats["throughput_per_s"])))
+        largest = max(batches, key=lambda k: int(k[5:]))
+        base_peak, comp_peak = _stats_peak(batches[largest]), _stats_peak(comp["latency"].get(backend, {}).get(largest))
+        if base_peak is not None and comp_peak is not None:
+            rows.append((f"{backend} {largest} peak memory", f"{base_peak:.1f} MB", f"{comp_peak:.1f} MB",
+                         _ratio(comp_peak, base_peak)))
     return rows
 
 
-def render_markdown(report: dict) -> str:
+def _percentiles(stats: dict) -> str:
+    return f"{stats['p50_ms']:.2f} / {stats['p90_ms']:.2f} / {stats['p99_ms']:.2f} ms"
+
+
+def _stats_peak(stats: dict | None) -> float | None:
+    """The peak memory of a measurement: the GPU allocator's where there is one, else host memory."""
+    if not stats:
+        return None
+    return stats.get("peak_gpu_memory_mb") if stats.get("peak_gpu_memory_mb") is not None else stats.get("peak_memory_mb")
+
+
+def verdict(report: dict) -> str:
     gates = report["gates"]
-    verdict = "PASSED" if gates["passed"] else "FAILED: " + ", ".join(g["name"] for g in gates["results"] if not g["passed"])
-    lines = [
-        f"# foldship build: {report['model']['name']} — {report['method']} at ratio {report['ratio']}",
-        "",
-        f"**Gates: {verdict}**" if gates["results"] else "**Gates:** none configured",
-        "",
-        "| metric | baseline | compressed | change |",
-        "|---|---:|---:|---:|",
-    ]
+    if not gates["results"]:
+        return "**Gates:** none configured"
+    failed = [g for g in gates["results"] if not g["passed"]]
+    if not failed:
+        return f"**Gates: PASSED** (all {len(gates['results'])})"
+    return "**Gates: FAILED: " + ", ".join(f"{g['name']} ({_fmt_value(g['value'])} {'>' if g['rule'] == '<=' else '<'} "
+                                           f"{g['limit']})" for g in failed) + "**"
+
+
+def _fmt_value(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.4g}"
+
+
+def _speedup_line(report: dict) -> str | None:
+    fraction = report.get("speedup_vs_mac_ratio")
+    if fraction is None:
+        return None
+    protocol = report["latency_protocol"]
+    batch = f"batch{max(protocol['batches'])}"
+    speedup = report["speedup"]["onnxruntime-cpu"][batch]
+    return (f"Speedup at {batch} on ONNX Runtime CPU: **{speedup:.2f}x** for a MAC reduction of "
+            f"{1 / report['mac_ratio']:.2f}x: **{fraction:.2f}** of the theoretical gain "
+            f"({protocol['threads']} threads, {protocol['trials']} trial(s) per model).")
+
+
+def render_markdown(report: dict) -> str:
+    title = report.get("title") or (f"{report['model']['name']} — {report['method']} at ratio {report['ratio']}"
+                                    if "method" in report else "validation")
+    lines = [f"# foldship: {title}", "", verdict(report), "",
+             "| metric | baseline | compressed | change |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
-    agreement = report["agreement"]
-    lines += [
-        "",
-        f"- Top-1 agreement of compressed with baseline: {_fmt_pct(agreement['top1_agreement'])}; "
-        f"ONNX Runtime reproduces PyTorch's top-1 on {report['onnx_parity']['baseline_top1_match']} (baseline) and "
-        f"{report['onnx_parity']['compressed_top1_match']} (compressed) of {report['baseline']['total']} images.",
-        f"- Speedup achieved as a fraction of the MAC reduction (largest batch, ONNX Runtime): "
-        f"{report['speedup_vs_mac_ratio']:.2f}.",
-        f"- Repair: {report['repair']}. Groups: {report['groups_policy']} ({report['compression']['groups_compressed']} of "
-        f"{len(report['compression']['groups'])} compressed); residual streams {report['residual_streams']}; "
-        f"compression took {report['compression']['seconds']:.2f} s.",
-        f"- Seed {report['seed']}; data {report['data']['path']} ({report['data']['images']} images).",
-    ]
-    if gates["results"]:
-        lines += ["", "| gate | value | limit | result |", "|---|---:|---:|---|"]
-        for g in gates["results"]:
-            value = "n/a" if g["value"] is None else f"{g['value']:.4f}"
-            lines.append(f"| {g['name']} | {value} | {g['rule']} {g['limit']} | {'pass' if g['passed'] else 'FAIL'} |")
-    env = report["environment"]
-    lines += ["", f"Environment: Python {env['python']}, torch {env['packages']['torch']}, onnxruntime "
-              f"{env['packages']['onnxruntime']}, {env['cpu']} ({env['cpu_count']} cores)", ""]
+    lines += [""]
+    speed = _speedup_line(report)
+    if speed:
+        lines += [speed, ""]
+    if report.get("residual_streams"):
+        lines += [f"Repair: {report['repair']}. Groups: {report['groups_policy']} "
+                  f"({report['compression']['groups_compressed']} of {len(report['compression']['groups'])} "
+                  f"compressed); residual streams {report['residual_streams']}; seed {report['seed']}.", ""]
+    lines += ["![latency distributions](latency.png)", ""]
+    if report["gates"]["results"]:
+        lines += ["## Gates", "", "| gate | value | limit | result | measures |", "|---|---:|---:|---|---|"]
+        for g in report["gates"]["results"]:
+            lines.append(f"| {g['name']} | {_fmt_value(g['value'])} | {g['rule']} {g['limit']} | "
+                         f"{'pass' if g['passed'] else '**FAIL**'} | {g.get('measures', '')} |")
+        lines.append("")
+    lines += _artifact_lines(report) + _per_class_lines(report)
+    for skipped in report.get("skipped_artifacts", []):
+        lines += [f"Not validated: {skipped['name']} ({skipped['reason']}).", ""]
+    protocol, env = report["latency_protocol"], report["environment"]
+    lines += ["## Protocol and environment", "",
+              f"- Data: {report['data']['path']} ({report['data']['images']} images).",
+              f"- Latency: {protocol['warmup']} warm-up runs, then at least {protocol['min_runs']} runs and "
+              f"{protocol['min_seconds']} s per measurement; {protocol['order']}; {protocol['threads']} threads; "
+              f"ONNX Runtime optimization {protocol['onnxruntime']['optimization']}, spinning "
+              f"{'on' if protocol['onnxruntime']['spinning'] else 'off'}; backends {', '.join(protocol['backends'])}.",
+              f"- Environment: Python {env['python']}, torch {env['packages']['torch']}, onnxruntime "
+              f"{env['packages']['onnxruntime']}, {env['cpu']} ({env['cpu_count']} cores)"
+              + (f", GPU {env['gpu']['name']}" if env.get("gpu") else "") + ".", ""]
     return "\n".join(lines)
+
+
+def _artifact_lines(report: dict) -> list[str]:
+    lines = ["## Every artifact: accuracy and parity with its source", "",
+             "| artifact | precision | size | backend | top-1 | vs | max abs error | tolerance (atol / rtol) | "
+             "smallest passing atol / rtol | parity |", "|---|---|---:|---|---:|---|---:|---|---|---|"]
+    for entry in report["artifacts"]:
+        size = _fmt_size(entry["size_bytes"]) if entry["size_bytes"] else ""
+        checks = {c["backend"]: c for c in entry["parity"]}
+        for backend, scores in entry["accuracy"].items():
+            check = checks.get(backend)
+            if check:
+                tol, low = check["tolerance"], check["min_tolerance"]
+                parity = (f"{check['reference']} | {check['max_abs_logit_error']:.2g} | {tol['precision']}: "
+                          f"{tol['atol']:g} / {tol['rtol']:g} | {low['atol']:.2g} / {low['rtol']:.2g} | "
+                          f"{'within' if check['within_tolerance'] else '**OUTSIDE**'}")
+            else:
+                parity = "(reference) | | | |"
+            lines.append(f"| {entry['name']} | {entry['precision']} | {size} | {backend} | "
+                         f"{_fmt_pct(scores['accuracy'])} | {parity} |")
+    return lines + [""]
+
+
+def _per_class_lines(report: dict, rows: int = 10) -> list[str]:
+    base, comp = report["baseline"].get("per_class"), report["compressed"].get("per_class")
+    if not base:
+        return []
+    pairs = [(b, c) for b, c in zip(base, comp) if b["total"]]
+    pairs.sort(key=lambda bc: (bc[1]["accuracy"] - bc[0]["accuracy"], bc[0]["class"]))
+    shown = pairs[:rows]
+    title = "## Per-class top-1" if len(pairs) <= rows else f"## Per-class top-1 ({rows} largest drops)"
+    lines = [title, "", "| class | images | baseline | compressed | change |", "|---:|---:|---:|---:|---:|"]
+    for b, c in sorted(shown, key=lambda bc: bc[0]["class"]):
+        lines.append(f"| {b['class']} | {b['total']} | {_fmt_pct(b['accuracy'])} | {_fmt_pct(c['accuracy'])} | "
+                     f"{100 * (c['accuracy'] - b['accuracy']):+.1f} pt |")
+    return lines + [""]
+
+
+def write_report(folder: str | Path, report: dict, latency_samples: dict) -> None:
+    """report.json, report.md, latency_samples.json and latency.png into ``folder``."""
+    folder = Path(folder)
+    _write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    _write_text(folder / "latency_samples.json", json.dumps(latency_samples, separators=(",", ":")) + "\n")
+    _write_text(folder / "report.md", render_markdown(report))
+    plot_latency(report, latency_samples, folder / "latency.png")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # the object API: no global pyplot state, no display needed
+
+    return Figure(figsize=(width, height), dpi=PLOT_DPI, layout="constrained")
+
+
+def _save(figure, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, format="png", metadata={"Software": None})
+    os.replace(tmp, path)
+
+
+def plot_latency(report: dict, latency_samples: dict, path: str | Path) -> None:
+    """One panel per backend and batch: box plots of every timed artifact's samples, p50 and p99 marked."""
+    panels = sorted({(backend, batch) for per_backend in latency_samples.values()
+                     for backend, batches in per_backend.items() for batch in batches},
+                    key=lambda p: (p[0], int(p[1][5:])))
+    columns = max(1, len({batch for _, batch in panels}))
+    rows = max(1, -(-len(panels) // columns))
+    figure = _figure(5.2 * columns, 0.6 + 1.7 * rows)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for ax, (backend, batch) in zip(axes.flat, panels):
+        # Baseline on top; reversed because box plots count positions from the bottom.
+        names = [n for n in latency_samples if batch in latency_samples[n].get(backend, {})][::-1]
+        data = [latency_samples[n][backend][batch] for n in names]
+        boxes = ax.boxplot(data, orientation="horizontal", widths=0.6, patch_artist=True,
+                           flierprops={"markersize": 2, "alpha": 0.4}, medianprops={"color": "black"})
+        for box, name in zip(boxes["boxes"], names):
+            box.set_facecolor("lightgray" if name.startswith("baseline") else "tab:blue" if
+                              name.startswith("compressed") else "tab:orange")
+        ax.scatter([float(np.percentile(d, 99)) for d in data], range(1, len(data) + 1), marker="|", s=200,
+                   color="crimson", zorder=3)
+        ax.set_yticks(range(1, len(names) + 1), names)
+        if max(max(d) for d in data) > 10 * min(min(d) for d in data):
+            ax.set_xscale("log")  # one slow outlier would otherwise squash every box
+        speedup = report.get("speedup", {}).get(backend, {}).get(batch)
+        ax.set_title(f"{backend}, {batch}" + (f": {speedup:.2f}x faster" if speedup else ""), fontsize=10)
+        ax.set_xlabel("latency per run (ms); box: p25-p75, line: p50, red: p99", fontsize=8)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    _save(figure, Path(path))
+
+
+def load_run(folder: str | Path) -> dict:
+    path = Path(folder) / "report.json"
+    if not path.is_file():
+        raise BadInput(f"{folder} is not a run folder (no report.json); give folders written by foldship build")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{path} is not valid JSON ({exc.msg}); rebuild that run") from None
+
+
+def write_sweep(run_folders: list[str | Path], out: str | Path) -> dict:
+    """Compare several runs (e.g. one per ratio): ``sweep.json``, ``sweep.md`` and ``accuracy_vs_size.png``."""
+    runs = []
+    for folder in run_folders:
+        report = load_run(folder)
+        comp, base = report["compressed"], report["baseline"]
+        runs.append({
+            "folder": str(folder), "model": report.get("model", {}).get("name"), "method": report.get("method"),
+            "ratio": report.get("ratio"), "groups_policy": report.get("groups_policy"), "repair": report.get("repair"),
+            "baseline_accuracy": base["accuracy"], "accuracy": comp["accuracy"],
+            "baseline_size_bytes": base.get("size_bytes", base.get("onnx", {}).get("size_bytes")),
+            "size_bytes": comp.get("size_bytes", comp.get("onnx", {}).get("size_bytes")),
+            "mac_ratio": report.get("mac_ratio"), "speedup_vs_mac_ratio": report.get("speedup_vs_mac_ratio"),
+            "top1_agreement": report["agreement"]["top1_agreement"], "gates_passed": report["gates"]["passed"],
+        })
+    runs.sort(key=lambda r: (str(r["method"]), str(r["repair"]), str(r["groups_policy"]), r["ratio"] or 0))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = {"runs": runs}
+    _write_text(out / "sweep.json", json.dumps(sweep, indent=2) + "\n")
+    lines = ["# foldship sweep: accuracy vs size", "", "![accuracy vs size](accuracy_vs_size.png)", "",
+             "| run | method | repair | groups | ratio | top-1 | baseline | ONNX size | MAC ratio | speedup x MAC ratio | agreement |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        fraction = "n/a" if r["speedup_vs_mac_ratio"] is None else f"{r['speedup_vs_mac_ratio']:.2f}"
+        mac = "n/a" if r["mac_ratio"] is None else f"{r['mac_ratio']:.3f}"
+        lines.append(f"| {Path(r['folder']).name} | {r['method']} | {r['repair']} | {r['groups_policy']} | {r['ratio']} | "
+                     f"{_fmt_pct(r['accuracy'])} | {_fmt_pct(r['baseline_accuracy'])} | {_fmt_size(r['size_bytes'])} | "
+                     f"{mac} | {fraction} | {_fmt_pct(r['top1_agreement'])} |")
+    _write_text(out / "sweep.md", "\n".join(lines) + "\n")
+    plot_accuracy_vs_size(runs, out / "accuracy_vs_size.png")
+    return sweep
+
+
+def plot_accuracy_vs_size(runs: list[dict], path: str | Path) -> None:
+    """Top-1 against compressed ONNX size, one line per (method, groups), the baselines as stars."""
+    figure = _figure(6.4, 4.2)
+    ax = figure.subplots()
+    series: dict[str, list[dict]] = {}
+    for r in runs:
+        label = f"{r['method']} + {r['repair']}, groups {r['groups_policy']}" if r["method"] else "runs"
+        series.setdefault(label, []).append(r)
+    for label, members in series.items():
+        members.sort(key=lambda r: r["size_bytes"])
+        ax.plot([r["size_bytes"] / 1024 for r in members], [100 * r["accuracy"] for r in members], marker="o", label=label)
+        for r in members:
+            ax.annotate(f"r={r['ratio']}" if r["ratio"] else Path(r["folder"]).name,
+                        (r["size_bytes"] / 1024, 100 * r["accuracy"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+    for model, base in {r["model"]: r for r in runs}.items():
+        ax.plot([base["baseline_size_bytes"] / 1024], [100 * base["baseline_accuracy"]], marker="*", markersize=12,
+                linestyle="none", color="black", label=f"baseline {model}")
+    ax.set_xlabel("ONNX size (KiB)")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(figure, Path(path))

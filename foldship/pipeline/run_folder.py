@@ -1,22 +1,61 @@
 """The run folder appears whole or not at all: stages write into a hidden staging folder that is
-renamed into place only after every file is written."""
+renamed into place only after every file is written.
+
+Used as a context manager, a run folder commits when its block finishes and discards the staging
+folder when the block raises, Ctrl-C and SIGTERM included; a disk that fills up (or any other
+write failure the user can fix) becomes one ``BadInput`` line.
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from ..errors import BadInput
+
+# Write failures the user can fix, with how.
+WRITE_FIXES = {
+    errno.ENOSPC: "free disk space or choose another --out",
+    errno.EDQUOT: "free space within your quota or choose another --out",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or choose another --out",
+    errno.EROFS: "choose a writable --out",
+    errno.EACCES: "choose a writable --out",
+    errno.EPERM: "choose a writable --out",
+}
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM until the block is done, so a rename or clean-up never stops half-way.
+
+    A signal that arrives meanwhile is delivered (and raises KeyboardInterrupt) right after the block.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class RunFolder:
     def __init__(self, out: str | Path, overwrite: bool = False):
         self.final = Path(out)
+        if self.final.exists() and not self.final.is_dir():
+            raise BadInput(f"output {self.final} is a file, not a folder; choose another --out")
         if self.final.exists() and not overwrite and any(self.final.iterdir()):
             raise BadInput(f"output folder {self.final} already exists; pass --overwrite or choose another --out")
         parent = self.final.parent
+        # The folders this run creates above the run folder, deepest first: removed again on failure.
+        self.created = [p for p in (parent, *parent.parents) if not p.exists()]
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self.staging = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=parent))
@@ -24,7 +63,25 @@ class RunFolder:
             os.umask(umask)
             self.staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the run folder private
         except OSError as exc:
+            self._remove_created()
             raise BadInput(f"cannot write to {parent} ({exc.strerror}); choose a writable --out") from None
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            self.commit()
+            return False
+        self.discard()
+        if isinstance(exc, OSError) and exc.errno in WRITE_FIXES:
+            raise self.write_failure(exc) from None
+        return False
+
+    def write_failure(self, exc: OSError) -> BadInput:
+        """One line for a write the user can fix (disk full, file-size limit, read-only)."""
+        return BadInput(f"cannot write the run folder {self.final} ({exc.strerror or exc}); "
+                        f"nothing was kept: {WRITE_FIXES.get(exc.errno, 'choose another --out')}")
 
     def path(self, name: str) -> Path:
         return self.staging / name
@@ -36,22 +93,23 @@ class RunFolder:
 
     def commit(self) -> Path:
         """Move the finished folder into place (replacing an old one only now)."""
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.final, old)
-            os.replace(self.staging, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.staging, self.final)
+        with signals_deferred():
+            if self.final.exists():
+                old = self.final.with_name(f".{self.final.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(self.final, old)
+                os.replace(self.staging, self.final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.staging, self.final)
         return self.final
 
     def discard(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-        parent = self.final.parent
-        # Leave no empty parent behind that this run created.
-        try:
-            if parent != Path(".") and not any(parent.iterdir()):
-                parent.rmdir()
-        except OSError:
-            pass
+        with signals_deferred():
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self.created:  # only while empty: never anything this run did not make
+            with contextlib.suppress(OSError):
+                folder.rmdir()

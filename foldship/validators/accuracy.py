@@ -1,4 +1,4 @@
-"""Top-1 accuracy through ONNX Runtime (what ships) or PyTorch, and agreement between models."""
+"""Classification accuracy (top-1, top-5, per class) of any artifact, through a Polygraphy runner."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+
+from ..errors import BadInput
+from .artifacts import onnx_artifact, run_outputs, torch_artifact
 
 BATCH = 250
 
@@ -21,45 +24,49 @@ class Predictions:
     def correct(self, labels: torch.Tensor | np.ndarray) -> int:
         return int((self.top1 == np.asarray(labels)).sum())
 
+    def correct_top_k(self, labels: torch.Tensor | np.ndarray, k: int) -> int:
+        labels = np.asarray(labels)
+        # A label is in the top k when fewer than k classes score strictly higher than it.
+        label_scores = self.logits[np.arange(len(labels)), labels]
+        return int(((self.logits > label_scores[:, None]).sum(1) < k).sum())
 
-def onnx_session(path: str, threads: int | None = None):
-    """A CPU ONNX Runtime session with a fixed thread count and no spinning between runs."""
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+def predict(runner, images: torch.Tensor | np.ndarray, batch: int = BATCH) -> Predictions:
+    """Logits of ``runner`` (a Polygraphy runner) on ``images``, in batches, through ``Comparator.run``."""
+    return Predictions(run_outputs(runner, images, batch).logits)
+
+
+def classification_scores(predictions: Predictions, labels: torch.Tensor | np.ndarray, num_classes: int) -> dict:
+    """Top-1, top-5 (when there are more than 5 classes) and per-class accuracy as fractions in [0, 1]."""
+    labels = np.asarray(labels)
+    total = len(labels)
+    if total == 0:
+        raise BadInput("no labelled images to evaluate; check --data and --limit")
+    hits = predictions.top1 == labels
+    per_class = []
+    for cls in range(num_classes):
+        members = labels == cls
+        count = int(members.sum())
+        per_class.append({"class": cls, "correct": int(hits[members].sum()), "total": count,
+                          "accuracy": float(hits[members].mean()) if count else None})
+    top5 = predictions.correct_top_k(labels, 5) if num_classes > 5 else None
+    return {
+        "accuracy": int(hits.sum()) / total,
+        "correct": int(hits.sum()),
+        "total": total,
+        "top5_accuracy": None if top5 is None else top5 / total,
+        "top5_correct": top5,
+        "per_class": per_class,
+    }
 
 
 def evaluate_onnx(path: str, images: torch.Tensor, threads: int | None = None) -> Predictions:
-    session = onnx_session(path, threads)
-    name = session.get_inputs()[0].name
-    x = images.numpy()
-    return Predictions(np.concatenate([session.run(None, {name: x[i:i + BATCH]})[0]
-                                       for i in range(0, len(x), BATCH)]))
+    """Logits of an ONNX file through ONNX Runtime on the CPU."""
+    artifact = onnx_artifact("model", path)
+    return predict(artifact.runner("onnxruntime-cpu", tuple(images.shape[1:]), threads or 0), images)
 
 
 def evaluate_torch(model: nn.Module, images: torch.Tensor) -> Predictions:
-    model = model.eval()
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return Predictions(torch.cat([model(images[i:i + BATCH].to(device)).float().cpu()
-                                      for i in range(0, len(images), BATCH)]).numpy())
-
-
-def agreement(reference: Predictions, candidate: Predictions) -> dict[str, float]:
-    """Top-1 agreement and logit errors of ``candidate`` against ``reference``."""
-    diff = np.abs(candidate.logits.astype(np.float64) - reference.logits.astype(np.float64))
-    scale = np.abs(reference.logits).max()
-    ref, cand = reference.logits.astype(np.float64), candidate.logits.astype(np.float64)
-    cosine = (ref * cand).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-12)
-    return {
-        "top1_agreement": float((reference.top1 == candidate.top1).mean()),
-        "max_abs_logit_error": float(diff.max()),
-        "max_rel_logit_error": float(diff.max() / scale) if scale > 0 else 0.0,
-        "mean_cosine": float(cosine.mean()),
-    }
+    """Logits of a PyTorch module on the device it is on."""
+    backend = "torch-cpu" if next(model.parameters()).device.type == "cpu" else "torch-cuda"
+    return predict(torch_artifact("model", model).runner(backend, tuple(images.shape[1:])), images)

@@ -1,0 +1,258 @@
+"""The validation stage on its own: artifacts + labelled images -> the report's validation entries.
+
+``foldship build`` calls it with the PyTorch modules and the ONNX files it exported;
+``foldship validate`` with any pair of ONNX files (or a run folder's artifacts). Order:
+inference of every artifact on every backend it can run on (accuracy and parity come from the
+same outputs), then latency, each model in its own block, then the gates.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..errors import BadInput
+from .accuracy import Predictions, classification_scores
+from .agreement import Tolerance, compare
+from .artifacts import (BACKENDS, ORT_OPTIMIZATION, Artifact, OrtSettings, RunOutputs, available_backends,
+                        run_outputs)
+from .gates import evaluate_gates, summary
+from .latency import LatencyProtocol, LatencyStats, time_artifact
+
+PRIMARY = "onnxruntime-cpu"  # what ships and what the gates judge
+SIDES = ("baseline", "compressed")
+
+
+@dataclass
+class ValidationSettings:
+    batches: list[int] = field(default_factory=lambda: [1, 64])
+    protocol: LatencyProtocol = field(default_factory=LatencyProtocol)
+    ort: OrtSettings = field(default_factory=OrtSettings)
+    backends: list[str] | None = None  # None: every backend this machine has
+
+    def validate(self) -> "ValidationSettings":
+        """Refuse settings that cannot run (BadInput) before anything is loaded or timed."""
+        p = self.protocol
+        if not self.batches or any(int(b) < 1 for b in self.batches):
+            raise BadInput(f"batches must be positive integers, got {self.batches}")
+        if p.warmup < 0 or p.min_runs < 1 or p.max_runs < p.min_runs or p.trials < 1 or p.min_seconds < 0:
+            raise BadInput(f"latency protocol needs warmup >= 0, 1 <= min_runs <= max_runs, trials >= 1 and "
+                           f"min_seconds >= 0; got warmup {p.warmup}, min_runs {p.min_runs}, max_runs {p.max_runs}, "
+                           f"trials {p.trials}, min_seconds {p.min_seconds}")
+        if p.threads < 0:
+            raise BadInput(f"threads must be >= 0 (0: every core), got {p.threads}")
+        if p.clock not in ("wall", "cpu"):
+            raise BadInput(f"unknown latency clock {p.clock!r}; choose wall or cpu")
+        if p.clock == "cpu" and p.resolved_threads() != 1:
+            raise BadInput("the cpu latency clock counts the calling thread only; set threads to 1 with it")
+        if self.ort.optimization not in ORT_OPTIMIZATION:
+            raise BadInput(f"unknown ONNX Runtime optimization level {self.ort.optimization!r}; "
+                           f"choose one of {', '.join(ORT_OPTIMIZATION)}")
+        unknown = [b for b in self.backends or [] if b not in BACKENDS]
+        if unknown:
+            raise BadInput(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+        return self
+
+
+@dataclass
+class Validation:
+    report: dict  # the report.json entries this stage owns
+    samples: dict  # raw latency samples in ms: {artifact: {backend: {"batch<N>": [...]}}}
+
+
+def select_backends(wanted: list[str] | None) -> list[str]:
+    available = available_backends()
+    if wanted is None:
+        return available
+    missing = [b for b in wanted if b not in available]
+    if missing:
+        raise BadInput(f"backend(s) {', '.join(missing)} not available on this machine (available: "
+                       f"{', '.join(available)})")
+    return list(wanted)
+
+
+def validate(artifacts: list[Artifact], images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+             input_shape: tuple[int, ...], settings: ValidationSettings, limits: dict[str, float | None],
+             macs: dict[str, int] | None = None, progress=None,
+             extra_measured: dict[str, float | None] | None = None) -> Validation:
+    """Accuracy, parity, agreement, latency and gates for a baseline/compressed set of artifacts.
+
+    ``artifacts`` must hold an ONNX artifact named "baseline" and one named "compressed" (the
+    files that ship); PyTorch modules, FP16 variants and TensorRT engines are optional.
+    ``macs`` ({"baseline": n, "compressed": m}) relates the speedup to the MAC reduction;
+    ``extra_measured`` adds values measured by earlier stages for gates in ``limits``.
+    """
+    from ..pipeline.progress import StageProgress
+
+    progress = progress or StageProgress(quiet=True)
+    settings.validate()
+    # Report order: each side's ONNX file, its PyTorch module, then variants and engines.
+    artifacts = sorted(artifacts, key=lambda a: (a.side != "baseline", a.name != a.side, a.format != "pytorch", a.name))
+    backends = select_backends(settings.backends)
+    if PRIMARY not in backends:
+        raise BadInput(f"the {PRIMARY} backend is required: the gates and the summary judge the ONNX files on it")
+    # An artifact no selected backend runs (a TensorRT engine on a machine without TensorRT) is listed, not judged.
+    skipped = [{"name": a.name, "format": a.format, "reason": f"no {a.format} backend among {', '.join(backends)}"}
+               for a in artifacts if not a.backends(backends)]
+    artifacts = [a for a in artifacts if a.backends(backends)]
+    main = {side: _main_onnx(artifacts, side) for side in SIDES}
+    runs = [(a, b) for a in artifacts for b in a.backends(backends)]
+    outputs: dict[tuple[str, str], RunOutputs] = {}
+    with progress.stage("evaluate", total=len(runs)) as advance:
+        for artifact, backend in runs:
+            runner = artifact.runner(backend, input_shape, settings.protocol.threads, settings.ort)
+            outputs[artifact.name, backend] = run_outputs(runner, images)
+            advance()
+    entries = {a.name: _artifact_entry(a, backends, outputs, labels, num_classes) for a in artifacts}
+    for artifact in artifacts:
+        entries[artifact.name]["parity"] = _parity(artifact, artifacts, backends, outputs)
+
+    plan = [(a, b) for a in artifacts for b in _timed_backends(a, backends)]
+    latency = time_blocks(plan, input_shape, settings, progress)
+    for name, per_backend in latency.items():
+        entries[name]["latency"] = {b: {k: s.as_dict() for k, s in batches.items()} for b, batches in per_backend.items()}
+
+    sides = {side: _side(side, artifacts, entries, labels, num_classes, outputs) for side in SIDES}
+    agreement = compare(outputs[main["compressed"].name, PRIMARY], outputs[main["baseline"].name, PRIMARY],
+                        Tolerance.for_precisions(main["compressed"].precision, main["baseline"].precision))
+    speedup = {b: {k: sides["baseline"]["latency"][b][k]["p50_ms"] / sides["compressed"]["latency"][b][k]["p50_ms"]
+                   for k in sides["baseline"]["latency"][b] if k in sides["compressed"]["latency"].get(b, {})}
+               for b in sides["baseline"]["latency"]}
+    largest, smallest = f"batch{max(settings.batches)}", f"batch{min(settings.batches)}"
+    mac_ratio = macs["compressed"] / macs["baseline"] if macs and macs.get("baseline") else None
+    primary_speedup = speedup.get(PRIMARY, {}).get(largest)
+    compressed_primary = sides["compressed"]["latency"].get(PRIMARY, {})
+    measured = {
+        "accuracy_drop": sides["baseline"]["accuracy"] - sides["compressed"]["accuracy"],
+        "agreement": agreement.top1_agreement,
+        "speedup": primary_speedup,
+        "p99_ms": compressed_primary[smallest]["p99_ms"] if smallest in compressed_primary else None,
+        "size_mb": main["compressed"].size_bytes / 1e6,
+    }
+    gates = evaluate_gates(measured | (extra_measured or {}), limits)
+    report = {
+        **sides,
+        "artifacts": list(entries.values()),
+        "skipped_artifacts": skipped,
+        "agreement": agreement.as_dict(),
+        "onnx_parity": _onnx_parity(entries),
+        "mac_ratio": mac_ratio,
+        "speedup": speedup,
+        "speedup_vs_mac_ratio": primary_speedup * mac_ratio if primary_speedup and mac_ratio else None,
+        "latency_protocol": asdict(settings.protocol) | {
+            "threads": settings.protocol.resolved_threads(), "batches": list(settings.batches),
+            "backends": [b for b in backends if any(b in a.backends(backends) for a in artifacts)],
+            "onnxruntime": asdict(settings.ort),
+            "order": "each model timed in its own block (all batches of one backend, then the next); with "
+                     "trials > 1 the models alternate block by block and samples are pooled",
+            "peak_memory": "host resident memory added while loading and running one block (Linux VmHWM)",
+        },
+        "gates": summary(gates),
+    }
+    return Validation(report, raw_samples(latency))
+
+
+def _main_onnx(artifacts: list[Artifact], side: str) -> Artifact:
+    for artifact in artifacts:
+        if artifact.name == side and artifact.format == "onnx":
+            return artifact
+    raise BadInput(f"no ONNX artifact named {side!r} to validate; give a baseline and a compressed .onnx")
+
+
+def _reference(artifact: Artifact, artifacts: list[Artifact]) -> Artifact:
+    """What an artifact must reproduce: its side's PyTorch module, else its side's FP32 ONNX file."""
+    same_side = [a for a in artifacts if a.side == artifact.side]
+    return next((a for a in same_side if a.format == "pytorch"), None) or _main_onnx(artifacts, artifact.side)
+
+
+def _artifact_entry(artifact: Artifact, backends, outputs, labels, num_classes) -> dict:
+    scores = {}
+    for backend in artifact.backends(backends):
+        s = classification_scores(Predictions(outputs[artifact.name, backend].logits), labels, num_classes)
+        scores[backend] = {k: v for k, v in s.items() if k != "per_class"}
+    return {"name": artifact.name, "side": artifact.side, "format": artifact.format,
+            "file": None if artifact.path is None else artifact.path.rsplit("/", 1)[-1],
+            "precision": artifact.precision, "size_bytes": artifact.size_bytes, "accuracy": scores}
+
+
+def _parity(artifact: Artifact, artifacts: list[Artifact], backends, outputs) -> list[dict]:
+    """This artifact on each backend against its reference on the CPU, at their precisions' tolerance."""
+    reference = _reference(artifact, artifacts)
+    ref_backend = reference.backends(backends)[0]
+    checks = []
+    for backend in artifact.backends(backends):
+        if artifact is reference and backend == ref_backend:
+            continue
+        tolerance = Tolerance.for_precisions(artifact.compute_precision(backend),
+                                             reference.compute_precision(ref_backend))
+        result = compare(outputs[artifact.name, backend], outputs[reference.name, ref_backend], tolerance)
+        checks.append(result.as_dict() | {"backend": backend, "reference_backend": ref_backend})
+    return checks
+
+
+def _timed_backends(artifact: Artifact, backends: list[str]) -> list[str]:
+    """Low-precision ONNX variants pay only on their GPU backend: ONNX Runtime CPU runs FP16 slower
+    than FP32 (ecosystem.md section 6), so timing them there says nothing about the artifact."""
+    own = artifact.backends(backends)
+    if artifact.format == "onnx" and artifact.name != artifact.side:
+        return [b for b in own if b != "onnxruntime-cpu"]
+    return own
+
+
+def time_blocks(plan: list[tuple[Artifact, str]], input_shape: tuple[int, ...], settings: ValidationSettings,
+                progress=None) -> dict[str, dict[str, dict[str, LatencyStats]]]:
+    """Time each (artifact, backend) of ``plan`` at every batch size, one block each, in plan order;
+    with several trials the plan repeats and each measurement pools its trials' samples."""
+    from ..pipeline.progress import StageProgress
+
+    progress = progress or StageProgress(quiet=True)
+    latency: dict[str, dict[str, dict[str, LatencyStats]]] = {}
+    total = len(plan) * len(settings.batches) * settings.protocol.trials
+    with progress.stage("time (own block per model)", total=total) as advance:
+        for _ in range(settings.protocol.trials):
+            for artifact, backend in plan:
+                for batch in settings.batches:
+                    stats = time_artifact(artifact, backend, input_shape, batch, settings.protocol, settings.ort)
+                    slot = latency.setdefault(artifact.name, {}).setdefault(backend, {})
+                    key = f"batch{batch}"
+                    slot[key] = slot[key].merged(stats) if key in slot else stats
+                    advance()
+    return latency
+
+
+def raw_samples(latency: dict[str, dict[str, dict[str, LatencyStats]]]) -> dict:
+    return {name: {b: {k: [round(v, 4) for v in s.samples_ms] for k, s in batches.items()}
+                   for b, batches in per_backend.items()} for name, per_backend in latency.items()}
+
+
+def _side(side: str, artifacts, entries, labels, num_classes, outputs) -> dict:
+    """A side's headline numbers: accuracy of its ONNX file on ONNX Runtime CPU, and the latency of
+    each backend's representative (ONNX for ONNX Runtime, the module for PyTorch, the engine for TensorRT)."""
+    main = _main_onnx(artifacts, side)
+    scores = classification_scores(Predictions(outputs[main.name, PRIMARY].logits), labels, num_classes)
+    timed: dict[str, dict] = {}
+    for artifact in artifacts:
+        if artifact.side == side and (artifact.format != "onnx" or artifact is main):
+            for backend, batches in entries[artifact.name].get("latency", {}).items():
+                timed.setdefault(backend, batches)
+    latency = {b: timed[b] for b in BACKENDS if b in timed}
+    module = next((a for a in artifacts if a.side == side and a.format == "pytorch"), None)
+    torch_scores = entries[module.name]["accuracy"].get("torch-cpu") if module else None
+    return scores | {
+        "torch_correct": torch_scores["correct"] if torch_scores else None,
+        "size_bytes": main.size_bytes,
+        "latency": latency,
+    }
+
+
+def _onnx_parity(entries: dict) -> dict:
+    """ONNX Runtime vs PyTorch for each side's ONNX file (when the module is known)."""
+    parity = {}
+    for side in SIDES:
+        check = next((p for p in entries[side]["parity"] if p["backend"] == PRIMARY), None)
+        if check is None or check["reference_backend"] != "torch-cpu":
+            continue
+        parity[f"{side}_top1_match"] = round(check["top1_agreement"] * check["images"])
+        parity[f"{side}_max_abs_error"] = check["max_abs_logit_error"]
+        parity[f"{side}_within_tolerance"] = check["within_tolerance"]
+    return parity

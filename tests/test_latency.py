@@ -1,0 +1,134 @@
+"""The latency protocol on real ONNX Runtime sessions and PyTorch: counts, percentiles, blocks,
+threads and peak memory. No test asserts how fast anything is (see benchmarks/)."""
+import numpy as np
+import pytest
+import torch
+
+from foldship.exporters import export_onnx
+from foldship.validators import LatencyProtocol, onnx_artifact, time_artifact, torch_artifact
+from foldship.validators.latency import LatencyStats, host_peak_memory
+from foldship.validators.stage import ValidationSettings, raw_samples, time_blocks
+
+SHAPE = (3, 32, 32)
+QUICK = dict(warmup=2, min_runs=6, min_seconds=0.0)
+
+
+@pytest.fixture(scope="module")
+def onnx_file(resnet20, tmp_path_factory):
+    path = tmp_path_factory.mktemp("latency") / "baseline.onnx"
+    export_onnx(resnet20.model, resnet20.example_inputs(2), path, "legacy")
+    return onnx_artifact("baseline", path)
+
+
+def test_stats_follow_the_protocol(onnx_file):
+    stats = time_artifact(onnx_file, "onnxruntime-cpu", SHAPE, 4, LatencyProtocol(**QUICK, threads=1))
+    assert stats.runs == len(stats.samples_ms) == 6 and stats.batch == 4 and stats.threads == 1
+    samples = np.asarray(stats.samples_ms)
+    assert stats.min_ms <= stats.p50_ms <= stats.p90_ms <= stats.p99_ms <= stats.max_ms
+    assert stats.p99_ms == pytest.approx(np.percentile(samples, 99)) and stats.mean_ms == pytest.approx(samples.mean())
+    assert stats.throughput_per_s == pytest.approx(4 * 1000 / samples.mean())
+    summary = stats.as_dict()
+    assert "samples_ms" not in summary and summary["runs"] == 6 and summary["peak_memory_mb"] is not None
+
+
+def test_minimum_duration_and_maximum_count(onnx_file):
+    long_enough = time_artifact(onnx_file, "onnxruntime-cpu", SHAPE, 1,
+                                LatencyProtocol(warmup=0, min_runs=1, min_seconds=0.3, threads=1))
+    assert long_enough.runs > 1 and sum(long_enough.samples_ms) >= 0.9 * 300
+    capped = time_artifact(onnx_file, "onnxruntime-cpu", SHAPE, 1,
+                           LatencyProtocol(warmup=0, min_runs=1, min_seconds=30, max_runs=5, threads=1))
+    assert capped.runs == 5
+
+
+def test_peak_memory_sees_a_large_batch_and_an_allocation(onnx_file):
+    small = time_artifact(onnx_file, "onnxruntime-cpu", SHAPE, 1, LatencyProtocol(**QUICK, threads=1))
+    large = time_artifact(onnx_file, "onnxruntime-cpu", SHAPE, 64, LatencyProtocol(**QUICK, threads=1))
+    # Batch 64 holds 64 x 16 x 32 x 32 float activations (4 MiB each) the batch-1 session never needs.
+    assert large.peak_memory_mb > small.peak_memory_mb + 4
+    with host_peak_memory() as peak:
+        block = np.ones(50 * 2**20 // 8)
+        del block
+    assert peak() >= 45
+
+
+def test_trials_alternate_models_and_pool_samples(resnet20, onnx_file):
+    module = torch_artifact("baseline.pytorch", resnet20.model)
+    settings = ValidationSettings(batches=[1, 2], protocol=LatencyProtocol(**QUICK, threads=1, trials=2))
+    latency = time_blocks([(onnx_file, "onnxruntime-cpu"), (module, "torch-cpu")], SHAPE, settings)
+    assert set(latency) == {"baseline", "baseline.pytorch"}
+    for name, backend in (("baseline", "onnxruntime-cpu"), ("baseline.pytorch", "torch-cpu")):
+        assert set(latency[name][backend]) == {"batch1", "batch2"}
+        assert latency[name][backend]["batch2"].runs == 12  # two blocks of six
+    samples = raw_samples(latency)
+    assert len(samples["baseline"]["onnxruntime-cpu"]["batch1"]) == 12
+    assert torch.get_num_threads() >= 1  # PyTorch's thread count is restored after the torch-cpu block
+
+
+def test_merged_stats_pool_samples():
+    a = LatencyStats.from_samples([1.0, 2.0, 3.0], 1, 2, 10.0)
+    b = LatencyStats.from_samples([4.0], 1, 2, 12.0)
+    merged = a.merged(b)
+    assert merged.runs == 4 and merged.p50_ms == 2.5 and merged.peak_memory_mb == 12.0
+
+
+def test_torch_cpu_threads_are_pinned_and_restored(resnet20):
+    before = torch.get_num_threads()
+    stats = time_artifact(torch_artifact("m", resnet20.model), "torch-cpu", SHAPE, 2, LatencyProtocol(**QUICK, threads=1))
+    assert stats.threads == 1 and torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_torch_cuda_events_and_graphs(resnet20, graphs):
+    stats = time_artifact(torch_artifact("m", resnet20.model), "torch-cuda", SHAPE, 8,
+                          LatencyProtocol(**QUICK, cuda_graphs=graphs))
+    assert stats.runs == 6 and stats.p50_ms > 0 and stats.peak_gpu_memory_mb > 0
+    assert next(resnet20.model.parameters()).device.type == "cpu"
+
+
+def test_onnxruntime_cuda(onnx_file):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    stats = time_artifact(onnx_file, "onnxruntime-cuda", SHAPE, 8, LatencyProtocol(**QUICK))
+    assert stats.runs == 6 and stats.p50_ms > 0
+
+
+def test_tensorrt_engine(onnx_file, tmp_path, cifar_eval):
+    pytest.importorskip("tensorrt")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+
+    from foldship.validators import Tolerance, compare, engine_artifact
+    from foldship.validators.artifacts import run_outputs
+
+    profile = Profile().add("input", min=(1, *SHAPE), opt=(64, *SHAPE), max=(256, *SHAPE))
+    path = tmp_path / "baseline.engine"
+    SaveEngine(EngineFromNetwork(NetworkFromOnnxPath(onnx_file.path), CreateConfig(profiles=[profile])), str(path))()
+    engine = engine_artifact("baseline.engine", path)
+    stats = time_artifact(engine, "tensorrt", SHAPE, 8, LatencyProtocol(**QUICK))
+    assert stats.runs == 6
+    result = compare(run_outputs(engine.runner("tensorrt", SHAPE), cifar_eval.x[:256]),
+                     run_outputs(onnx_file.runner("onnxruntime-cpu", SHAPE), cifar_eval.x[:256]),
+                     Tolerance.for_precisions(engine.compute_precision("tensorrt")))
+    assert result.within_tolerance and result.top1_agreement >= 0.99
+
+
+
+def test_cpu_clock_counts_only_this_threads_work():
+    import time
+
+    from foldship.validators.latency import _measure
+
+    idle = lambda: time.sleep(0.01)  # noqa: E731: waiting, as for a core on a busy machine
+    wall = _measure(idle, LatencyProtocol(warmup=0, min_runs=3, min_seconds=0))
+    cpu = _measure(idle, LatencyProtocol(warmup=0, min_runs=3, min_seconds=0, threads=1, clock="cpu"))
+    assert min(wall) >= 10 and max(cpu) < 5
+
+
+def test_cpu_clock_needs_one_thread():
+    from foldship.errors import BadInput
+
+    with pytest.raises(BadInput, match="set threads to 1"):
+        ValidationSettings(protocol=LatencyProtocol(threads=2, clock="cpu")).validate()

@@ -1,0 +1,127 @@
+"""report.json / report.md / plots, `foldship validate` on two ONNX files and `foldship bench`, on real
+ResNet-20 exports (baseline and pruned at two ratios) and real CIFAR-10 images."""
+import json
+
+import numpy as np
+import pytest
+
+from foldship.compress.engine import compress_model
+from foldship.exporters import export_onnx
+from foldship.pipeline.config import load_config
+from foldship.pipeline.report import write_sweep
+from foldship.pipeline.validate import validate_artifacts
+from foldship.validators import count_macs, onnx_macs
+
+from .conftest import CIFAR_LOSSLESS, run_cli
+
+QUICK = dict(latency_min_seconds=0.0, latency_min_runs=4, latency_warmup=1, limit=300, batches=[1, 16], threads=1)
+
+
+@pytest.fixture(scope="module")
+def onnx_files(resnet20, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    example = resnet20.example_inputs(2)
+    export_onnx(resnet20.model, example, folder / "baseline.onnx", "legacy")
+    macs = {"baseline": count_macs(resnet20.model, example)}
+    for ratio in (0.3, 0.6):
+        pruned = compress_model(resnet20.model, example, "prune-l1", ratio, 0, "inner", {}, None, 1).model
+        export_onnx(pruned, example, folder / f"pruned{ratio}.onnx", "legacy")
+        macs[ratio] = count_macs(pruned, example)
+    return folder, macs
+
+
+@pytest.fixture(scope="module")
+def validated(onnx_files, tmp_path_factory):
+    folder, _ = onnx_files
+    runs = {}
+    for ratio in (0.3, 0.6):
+        config = load_config(None, out=str(tmp_path_factory.mktemp("validate") / f"r{ratio}"), min_agreement=0.5, **QUICK)
+        runs[ratio] = validate_artifacts([folder / "baseline.onnx", folder / f"pruned{ratio}.onnx"], config,
+                                         str(CIFAR_LOSSLESS))
+    return runs
+
+
+def test_macs_from_the_graph_match_the_module(onnx_files):
+    folder, macs = onnx_files
+    assert onnx_macs(folder / "baseline.onnx") == macs["baseline"] == 40_551_040
+    assert onnx_macs(folder / "pruned0.6.onnx") == macs[0.6] < macs["baseline"]
+
+
+def test_report_json_has_every_validation_entry(validated, onnx_files):
+    _, macs = onnx_files
+    report = json.loads(open(validated[0.3].out + "/report.json").read())
+    base, comp = report["baseline"], report["compressed"]
+    assert (base["correct"], base["total"]) == (274, 300) and base["accuracy"] == pytest.approx(274 / 300)
+    assert base["top5_accuracy"] >= base["accuracy"] and len(base["per_class"]) == 10
+    assert report["mac_ratio"] == pytest.approx(macs[0.3] / macs["baseline"])
+    speed = report["speedup"]["onnxruntime-cpu"]["batch16"]
+    assert report["speedup_vs_mac_ratio"] == pytest.approx(speed * report["mac_ratio"])
+    for side in (base, comp):
+        for batch in ("batch1", "batch16"):
+            stats = side["latency"]["onnxruntime-cpu"][batch]
+            assert stats["runs"] >= 4 and stats["threads"] == 1 and stats["p50_ms"] <= stats["p99_ms"]
+            assert stats["throughput_per_s"] > 0 and stats["peak_memory_mb"] is not None
+    assert [a["name"] for a in report["artifacts"]] == ["baseline", "compressed"]
+    assert report["agreement"]["tolerance"]["precision"] == "fp32" and 0 < report["agreement"]["top1_agreement"] < 1
+    protocol = report["latency_protocol"]
+    assert protocol["threads"] == 1 and protocol["batches"] == [1, 16] and protocol["min_runs"] == 4
+    assert report["environment"]["packages"]["onnxruntime"] and report["gates"]["results"][0]["name"] == "min_agreement"
+    samples = json.loads(open(validated[0.3].out + "/latency_samples.json").read())
+    assert len(samples["compressed"]["onnxruntime-cpu"]["batch16"]) == comp["latency"]["onnxruntime-cpu"]["batch16"]["runs"]
+
+
+def test_report_md_leads_with_the_verdict_and_the_table(validated):
+    lines = open(validated[0.6].out + "/report.md").read().splitlines()
+    assert lines[0] == "# foldship: validate baseline.onnx vs pruned0.6.onnx"
+    assert lines[2].startswith("**Gates: ")
+    assert lines[4] == "| metric | baseline | compressed | change |"
+    text = "\n".join(lines)
+    assert "| top-1 (ONNX Runtime) | 91.3% (274/300) |" in text
+    assert "| onnxruntime-cpu batch16 p50 / p90 / p99 |" in text and "| onnxruntime-cpu batch1 throughput |" in text
+    assert "of the theoretical gain" in text and "![latency distributions](latency.png)" in text
+    assert "## Per-class top-1" in text and "## Every artifact" in text
+
+
+def test_plots_are_real_small_pngs(validated, tmp_path):
+    import matplotlib.image
+
+    latency_png = validated[0.3].out + "/latency.png"
+    image = matplotlib.image.imread(latency_png)
+    assert image.shape[0] > 100 and image.shape[1] > 300 and image.std() > 0.05  # not blank
+    sweep = write_sweep([validated[0.3].out, validated[0.6].out], tmp_path / "sweep")
+    by_folder = {r["folder"]: r for r in sweep["runs"]}
+    for ratio in (0.3, 0.6):
+        run = by_folder[validated[ratio].out]
+        assert run["accuracy"] == validated[ratio].report["compressed"]["accuracy"]
+        assert run["size_bytes"] == validated[ratio].report["compressed"]["size_bytes"]
+    assert by_folder[validated[0.6].out]["size_bytes"] < by_folder[validated[0.3].out]["size_bytes"]
+    for name in ("accuracy_vs_size.png", "sweep.md", "sweep.json"):
+        assert (tmp_path / "sweep" / name).is_file()
+    for png in (latency_png, tmp_path / "sweep" / "accuracy_vs_size.png"):
+        data = open(png, "rb").read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000
+
+
+def test_bench_times_one_onnx_file(onnx_files, tmp_path):
+    folder, _ = onnx_files
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", str(folder / "pruned0.6.onnx"), "--batch", "8", "--min-seconds", "0", "--threads", "1",
+                     "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "onnxruntime-cpu" in result.stdout
+    bench = json.loads(out.read_text())
+    assert set(bench["latency"]["onnxruntime-cpu"]) == {"batch1", "batch8"}
+    assert bench["input_shape"] == [3, 32, 32] and bench["precision"] == "fp32"
+    assert np.isfinite(bench["latency"]["onnxruntime-cpu"]["batch8"]["p99_ms"])
+
+
+def test_validate_refuses_what_it_cannot_judge(onnx_files, tmp_path):
+    from foldship.errors import BadInput
+
+    folder, _ = onnx_files
+    config = load_config(None, out=str(tmp_path / "x"), **QUICK)
+    with pytest.raises(BadInput, match="give one run folder, two model files"):
+        validate_artifacts([folder / "baseline.onnx"], config)
+    with pytest.raises(BadInput, match="missing.txt does not exist"):
+        validate_artifacts([folder / "baseline.onnx", folder / "missing.txt"], config)
+    assert not (tmp_path / "x").exists()
