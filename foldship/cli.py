@@ -34,6 +34,15 @@ GATE_OPTIONS = {  # shared by build and validate; each fails the run with exit 3
 }
 
 
+TARGET_HELP = {
+    "macs": "Budget: choose per-group widths so MACs are at most this fraction of the baseline (overrides --ratio).",
+    "latency": "Budget: choose per-group widths so ONNX Runtime CPU latency (batch 16, this machine) is at most "
+               "this fraction of the baseline's (overrides --ratio).",
+}
+CHECKPOINT_MAP_HELP = ("How checkpoint names meet the model's: names (default) or by-order (i-th tensor to i-th, "
+                       "every shape checked); a rename table goes in the config.")
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -63,7 +72,7 @@ def _warn_if_trusted(cfg) -> None:
 @app.command()
 def build(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; CLI flags override its keys."),
-    model: Optional[str] = typer.Option(None, help="cifar_resnet20..cifar_resnet110 or torchvision:<name>."),
+    model: Optional[str] = typer.Option(None, help="cifar_resnet20..cifar_resnet110, torchvision:<name>, timm:<name> or hf:<id>."),
     checkpoint: Optional[str] = typer.Option(None, help="Trained weights: .th/.pt/.pth state dict or .safetensors."),
     method: Optional[str] = typer.Option(None, help="fold (cluster and merge channels), prune-l1 or prune-l2."),
     ratio: Optional[float] = typer.Option(None, help="Fraction of channels removed per group, in (0, 1)."),
@@ -73,11 +82,16 @@ def build(
     calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate; near-copies of "
                                                             "evaluation images are dropped."),
     round_to: Optional[int] = typer.Option(None, "--round-to", help="Round kept widths down to a multiple (e.g. 8)."),
+    target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
+    target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
+    checkpoint_map: Optional[str] = typer.Option(None, help=CHECKPOINT_MAP_HELP),
+    preprocess: Optional[str] = typer.Option(None, help="Preprocessing preset, e.g. inception-bicubic-224 "
+                                                        "(default: the model family's)."),
     data: Optional[str] = typer.Option(None, help="Labelled evaluation data: .npz (uint8 NHWC x, int y) or image folder."),
     limit: Optional[int] = typer.Option(None, help="Evaluate on the first N images only."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder to write (default runs/demo)."),
     seed: Optional[int] = typer.Option(None, help="Seed for clustering; same inputs and seed give the same bytes."),
-    device: Optional[str] = typer.Option(None, help="Device for compression: cpu or cuda."),
+    device: Optional[str] = typer.Option(None, help="Where compression runs: auto (default: the GPU when there is one), cpu or cuda."),
     exporter: Optional[str] = typer.Option(None, help="ONNX exporter: dynamo (default) or legacy."),
     shrinker: Optional[str] = typer.Option(None, help="Graph shrinker: onnxslim (default), onnxsim or none."),
     precision: Optional[str] = typer.Option(None, help="fp32 (default) or fp16 (also writes <name>.fp16.onnx)."),
@@ -104,7 +118,9 @@ def build(
         from .pipeline.progress import StageProgress
 
         cfg = load_config(config, model=model, checkpoint=checkpoint, method=method, ratio=ratio, groups=groups,
-                          repair=repair, calibration_data=calibration_data, round_to=round_to, data=data, limit=limit, out=out, seed=seed, device=device,
+                          repair=repair, calibration_data=calibration_data, round_to=round_to,
+                          target_macs=target_macs, target_latency=target_latency, checkpoint_map=checkpoint_map,
+                          preprocess=preprocess, data=data, limit=limit, out=out, seed=seed, device=device,
                           exporter=exporter, shrinker=shrinker, precision=precision, target=target,
                           batches=None if batch is None else [1, batch], max_accuracy_drop=max_accuracy_drop,
                           min_agreement=min_agreement, min_speedup=min_speedup, max_p99_ms=max_p99_ms,
@@ -115,6 +131,77 @@ def build(
         if not quiet:
             _print_summary(outcome.report, outcome.out)
         _exit_on_failed_gates(outcome.report, outcome.out)
+
+    _run(body)
+
+
+@app.command()
+def sweep(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config: build's keys, where checkpoint, "
+                                                                       "method, ratio and repair may be lists."),
+    model: Optional[str] = typer.Option(None, help="Model of checkpoints given without MODEL= (see build --model)."),
+    checkpoint: Optional[list[str]] = typer.Option(None, help="[MODEL=]PATH: a checkpoint or a folder of them; "
+                                                               "repeat for more."),
+    max_accuracy_drop: Optional[float] = GATE_OPTIONS["max_accuracy_drop"],
+    min_agreement: Optional[float] = GATE_OPTIONS["min_agreement"],
+    min_speedup: Optional[float] = GATE_OPTIONS["min_speedup"],
+    max_p99_ms: Optional[float] = GATE_OPTIONS["max_p99_ms"],
+    max_size_mb: Optional[float] = GATE_OPTIONS["max_size_mb"],
+    method: Optional[list[str]] = typer.Option(None, help="fold, prune-l1, prune-l2; repeat for more."),
+    ratio: Optional[list[float]] = typer.Option(None, help="Fraction of channels removed, in (0, 1); repeat for more."),
+    groups: Optional[str] = typer.Option(None, help="all: every group (paper); inner: keep residual streams whole."),
+    repair: Optional[list[str]] = typer.Option(None, help="none, fold-ar, bn-recalibrate; repeat for more."),
+    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate."),
+    data: Optional[str] = typer.Option(None, help="Labelled evaluation data: .npz (uint8 NHWC x, int y) or image folder."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate on the first N images only."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Sweep folder (default runs/sweep); a sweep "
+                                                                "already there resumes."),
+    seed: Optional[int] = typer.Option(None, help="Seed for clustering; same inputs and seed give the same numbers."),
+    exporter: Optional[str] = typer.Option(None, help="ONNX exporter: dynamo (default) or legacy."),
+    shrinker: Optional[str] = typer.Option(None, help="Graph shrinker: onnxslim (default), onnxsim or none."),
+    batch: Optional[int] = typer.Option(None, help="The larger batch size timed besides batch 1 (default 64)."),
+    threads: Optional[int] = typer.Option(None, help="Threads per job (default 1); local workers get that many cores each."),
+    executor: Optional[str] = typer.Option(None, help="local (worker processes on this machine) or ray."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray instance)."),
+    workers: Optional[int] = typer.Option(None, help="Local parallel jobs (default: usable cores / threads)."),
+    select: bool = typer.Option(False, help="Build the job that passes every gate with the lowest latency (or size) "
+                                            "into <out>/selected."),
+    select_by: Optional[str] = typer.Option(None, help="What --select minimises: latency (default) or size."),
+    overwrite: bool = typer.Option(False, help="Drop the rows stored in --out and start the sweep again."),
+    trust_checkpoint: bool = typer.Option(False, help="Allow pickled objects in the checkpoints (runs their code!)."),
+    quiet: bool = typer.Option(False, help="No progress bars or summary."),
+):
+    """Compress, export and validate every checkpoint x method x ratio x repair, as foldship build does each one.
+
+    Rows go to <out>/results.jsonl as jobs finish; a restarted sweep skips the jobs done. Writes the
+    paired fold - prune table (sweep.md), accuracy_vs_ratio.png and pareto.png.
+    """
+    def body():
+        from .errors import GateFailed
+        from .pipeline.progress import StageProgress
+        from .sweep import load_sweep_config, run_sweep
+
+        cfg = load_sweep_config(config, model=model, checkpoint=checkpoint or None, method=method or None,
+                                ratio=ratio or None, groups=groups, repair=repair or None,
+                                calibration_data=calibration_data, data=data, limit=limit, out=out, seed=seed,
+                                exporter=exporter, shrinker=shrinker, batches=None if batch is None else [1, batch],
+                                threads=threads, executor=executor, address=address, workers=workers,
+                                select=select or None, select_by=select_by, max_accuracy_drop=max_accuracy_drop,
+                                min_agreement=min_agreement, min_speedup=min_speedup, max_p99_ms=max_p99_ms,
+                                max_size_mb=max_size_mb, overwrite=overwrite or None,
+                                trust_checkpoint=trust_checkpoint or None)
+        _warn_if_trusted(cfg.base)
+        outcome = run_sweep(cfg, StageProgress(err, quiet=quiet))
+        if not quiet:
+            cost = outcome.summary["cost"]
+            out_console.print(f"{len(outcome.rows)} jobs ({outcome.summary['ran_now']} run now, "
+                              f"{cost['job_seconds_mean']:.1f} s per job) -> {outcome.out}/sweep.md")
+        if outcome.selection is not None:
+            if outcome.selection.outcome is None:
+                raise GateFailed(f"no job of the sweep passes every gate; nothing selected (rows in {outcome.out})")
+            if not quiet:
+                _print_summary(outcome.selection.outcome.report, outcome.selection.outcome.out)
+            _exit_on_failed_gates(outcome.selection.outcome.report, outcome.selection.outcome.out)
 
     _run(body)
 
@@ -249,7 +336,7 @@ def export(
 
 @app.command()
 def compress(
-    model: str = typer.Option(..., help="Model name: cifar_resnet20..110 or torchvision:<name>."),
+    model: str = typer.Option(..., help="Model name: cifar_resnet20..110, torchvision:<name>, timm:<name> or hf:<id>."),
     checkpoint: Optional[str] = typer.Option(None, help="Trained weights (.th/.pt/.pth state dict or .safetensors)."),
     out: str = typer.Option(..., "--out", "-o", help="Folder for compressed.json (widths) + compressed.safetensors."),
     method: str = typer.Option("fold", help="fold, prune-l1 or prune-l2."),
@@ -258,8 +345,11 @@ def compress(
     repair: str = typer.Option("none", help="none, fold-ar (data-free) or bn-recalibrate (needs --calibration-data)."),
     calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate."),
     round_to: int = typer.Option(1, "--round-to", help="Round kept widths down to a multiple (e.g. 8)."),
+    target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
+    target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
+    checkpoint_map: Optional[str] = typer.Option(None, help=CHECKPOINT_MAP_HELP),
     seed: int = typer.Option(0, help="Clustering seed."),
-    device: str = typer.Option("cpu", help="Where compression runs: cpu or cuda."),
+    device: str = typer.Option("auto", help="Where compression runs: auto (the GPU when there is one), cpu or cuda."),
     num_classes: Optional[int] = typer.Option(None, help="Classifier width for torchvision models."),
     input_size: Optional[int] = typer.Option(None, help="Input height/width for the trace."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
@@ -272,6 +362,7 @@ def compress(
         import json
 
         from .compress import compress_model
+        from .compress.budget import plan_budget
         from .data import calibration_images
         from .models import load_model
         from .models.saved import SPEC_NAME, save_compressed
@@ -279,21 +370,26 @@ def compress(
 
         folder = RunFolder(out, overwrite)
         try:
-            loaded = load_model(model, checkpoint, num_classes, input_size)
+            loaded = load_model(model, checkpoint, num_classes, input_size, checkpoint_map=checkpoint_map)
             calibration = None
             if calibration_data:  # no evaluation set in this stage: nothing to keep calibration apart from
                 calibration = calibration_images(calibration_data, loaded.preprocessing, None)
-            result = compress_model(loaded.model, loaded.example_inputs(2), method, ratio, seed, groups,
-                                    round_to=round_to, repair=repair, calibration=calibration, device=device)
-            save_compressed(result.model.cpu(), loaded, folder.path(SPEC_NAME), result.summary())
-            folder.path("compression.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+            example = loaded.example_inputs(2)
+            budget = plan_budget(loaded.model, example, method, target_macs, target_latency, round_to, groups)
+            result = compress_model(loaded.model, example, method, ratio, seed, groups,
+                                    budget.group_ratios() if budget else None, round_to=budget.align if budget else round_to,
+                                    repair=repair, calibration=calibration, device=device)
+            summary = result.summary() | {"budget": budget.summary() if budget else None}
+            save_compressed(result.model.cpu(), loaded, folder.path(SPEC_NAME), summary)
+            folder.path("compression.json").write_text(json.dumps(summary, indent=2) + "\n")
             final = folder.commit()
         except BaseException:
             folder.discard()
             raise
         done = sum(g.action in ("folded", "pruned") for g in result.groups)
         out_console = Console()
-        out_console.print(f"{method} at ratio {ratio}: {done} of {len(result.groups)} groups compressed in "
+        setting = f"{budget.mac_fraction:.3f}x MACs (budget)" if budget else f"ratio {ratio}"
+        out_console.print(f"{method} at {setting}: {done} of {len(result.groups)} groups compressed in "
                           f"{result.seconds:.2f} s; residual streams {result.residual_streams} -> {final}")
 
     _run(body)
@@ -305,13 +401,14 @@ def inspect(
     checkpoint: Optional[str] = typer.Option(None, help="Optional weights to load first."),
     num_classes: Optional[int] = typer.Option(None, help="Classifier width for torchvision models."),
     input_size: Optional[int] = typer.Option(None, help="Input height/width for the trace."),
+    checkpoint_map: Optional[str] = typer.Option(None, help=CHECKPOINT_MAP_HELP),
 ):
     """List the coupled channel groups foldship finds (what fold and prune will compress)."""
     def body():
         from .compress.groups import channel_groups
         from .models.registry import load_model
 
-        loaded = load_model(model, checkpoint, num_classes, input_size)
+        loaded = load_model(model, checkpoint, num_classes, input_size, checkpoint_map=checkpoint_map)
         table = Table(title=f"channel groups of {model}")
         for column in ("#", "group (root)", "kind", "channels", "foldable", "coupled tensors"):
             table.add_column(column)

@@ -106,6 +106,15 @@ def zoo():
     }
 
 
+def write_config(tmp_path_factory, settings: dict) -> Path:
+    """``settings`` as a YAML build config in a fresh temporary folder."""
+    import yaml
+
+    path = tmp_path_factory.mktemp("cfg") / "config.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
 def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "foldship", *args]
 

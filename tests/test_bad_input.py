@@ -179,7 +179,7 @@ def unknown_backend(inputs):
     return ["--target", "tflite"]
 
 
-@case("unknown device 'tpu'", "use cpu or cuda")
+@case("unknown device 'tpu'", "use auto, cpu or cuda")
 def unknown_device(inputs):
     return ["--device", "tpu"]
 

@@ -2,18 +2,15 @@
 import json
 
 import pytest
-import yaml
 
-from .conftest import CIFAR_LOSSLESS, RESNET20, run_cli
+from .conftest import CIFAR_LOSSLESS, RESNET20, run_cli, write_config
 
 FAST = {"batches": [1, 64], "latency_min_seconds": 0.05, "limit": 1000}
 
 
 @pytest.fixture(scope="module")
 def fast_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "fast.yaml"
-    path.write_text(yaml.safe_dump(FAST))
-    return path
+    return write_config(tmp_path_factory, FAST)
 
 
 @pytest.fixture(scope="module")

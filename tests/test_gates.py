@@ -3,13 +3,12 @@ written; limits that cannot mean anything are bad input (exit 2). Through the re
 import json
 
 import pytest
-import yaml
 
 from foldship.errors import BadInput
 from foldship.pipeline.config import load_config
 from foldship.validators.gates import GATES, check_limits, evaluate_gates
 
-from .conftest import run_cli
+from .conftest import run_cli, write_config
 
 QUICK = {"latency_min_seconds": 0.0, "latency_min_runs": 3, "latency_warmup": 1, "limit": 300, "batches": [1, 16],
          "exporter": "legacy", "shrinker": "none",
@@ -18,9 +17,7 @@ QUICK = {"latency_min_seconds": 0.0, "latency_min_runs": 3, "latency_warmup": 1,
 
 @pytest.fixture(scope="module")
 def quick_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "quick.yaml"
-    path.write_text(yaml.safe_dump(QUICK))
-    return path
+    return write_config(tmp_path_factory, QUICK)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """The algebra of folding as projection (method.md sections 1 and 5), checked as properties."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -73,7 +74,8 @@ def test_rank_distance_one_on_every_real_group(resnet56, zoo):
             for k in (n // 2, int(n * 0.7)):
                 kept = top_k(scores, k)
                 err_prune = float((w[[i for i in range(n) if i not in kept]] ** 2).sum())
-                labels = fold_labels(w, k + 1, scores, [], seed=0, restarts=1)
+                labels, error = fold_labels(w, k + 1, scores, [], seed=0, restarts=1)
+                assert error == pytest.approx(inertia(w, labels, k + 1), rel=1e-9, abs=1e-9)
                 assert inertia(w, labels, k + 1) <= err_prune * (1 + 1e-9)
                 checked += 1
         assert checked >= 24

@@ -193,3 +193,17 @@ def test_vit_head_counts_are_patched():
     assert (block.num_heads, block.self_attention.num_heads, block.self_attention.q.out_features) == (2, 2, 32)
     with torch.no_grad():
         assert small(x).shape == (2, 10)
+
+
+def test_heads_fold_without_a_manual_rewrite():
+    """compress and channel_groups rewrite their own copy; the caller's attention stays torch's."""
+    model, x = small_vit()
+    groups = channel_groups(model, x)
+    assert [g.size for g in groups if g.kind == "heads"] == [4, 4]
+    # a Linear with bias traces as AddmmBackward: the MLP hidden channels are not a residual stream
+    assert {g.kind for g in groups if g.name.endswith("mlp.0")} == {"inner"}
+    small = compress_model(model, x, "fold", 0.5).model
+    assert isinstance(model.encoder.layers[0].self_attention, nn.MultiheadAttention)
+    assert small.encoder.layers[0].self_attention.num_heads == 2
+    with torch.no_grad():
+        assert small(x).shape == (2, 10)

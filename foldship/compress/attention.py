@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .groups import GroupSpec, register_group_finder
+from .groups import GroupSpec, register_group_finder, register_rewrite
 
 
 class HeadAttention(nn.Module):
@@ -124,6 +124,7 @@ def _additive_mask(attn_mask, key_padding_mask, batch: int, dtype) -> torch.Tens
     return mask
 
 
+@register_rewrite
 def rewrite_attention(model: nn.Module) -> int:
     """Replace every ``nn.MultiheadAttention`` in ``model`` (in place) by an equivalent ``HeadAttention``.
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import BadInput
 from ..models.cifar_resnet import PadShortcut
-from .groups import DependencyAdapter, GroupView, output_layers
+from .groups import DependencyAdapter, GroupView, apply_rewrites, output_layers
 from .kmeans import cluster, inertia, special_partition
 from .repairs import REPAIRS, normalise_producers, recalibrate_bn, scale_gammas, variance_factors
 from .slices import MEAN, UnsupportedItem, item_slices
@@ -103,9 +103,7 @@ def merge_clusters(view: GroupView, labels: torch.Tensor) -> list[int]:
     """Textbook merge into each cluster's first member; returns the channels to remove."""
     k = int(labels.max()) + 1
     n = len(labels)
-    onehot = torch.zeros(k, n, dtype=torch.float64)
-    onehot[labels, torch.arange(n)] = 1.0
-    mean = onehot / onehot.sum(1, keepdim=True)
+    counts = torch.bincount(labels, minlength=k).to(torch.float64)
     reps = representatives(labels)
     rep_of = torch.tensor(reps)[labels]
     for item in view.weighted_items:
@@ -115,7 +113,10 @@ def merge_clusters(view: GroupView, labels: torch.Tensor) -> list[int]:
             continue
         for s in item_slices(item):
             rows = _gather(s.tensor, s.dim, item.table)
-            merged = (mean if s.merge == MEAN else onehot).to(rows.device) @ rows
+            merged = torch.zeros(k, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(
+                0, labels.to(rows.device), rows)  # cluster sums: O(n d), not a dense (k x n) product
+            if s.merge == MEAN:
+                merged /= counts.to(rows.device)[:, None]
             moved = s.tensor.movedim(s.dim, 0)
             target = item.table[reps].flatten().to(s.tensor.device)
             moved[target] = merged.reshape(len(target), *moved.shape[1:]).to(s.tensor.dtype)
@@ -146,8 +147,8 @@ def fixed_blocks(view: GroupView) -> list[list[int]]:
 
 
 def fold_labels(features: torch.Tensor, k: int, scores: torch.Tensor, blocks: list[list[int]],
-                seed: int, restarts: int) -> torch.Tensor:
-    """Cluster labels for a fold to width k, honouring fixed blocks; best of seeded starts."""
+                seed: int, restarts: int) -> tuple[torch.Tensor, float]:
+    """Cluster labels for a fold to width k, honouring fixed blocks, and their weight error."""
     n = features.shape[0]
     tied = sorted(c for b in blocks for c in b)
     free = [c for c in range(n) if c not in set(tied)]
@@ -166,7 +167,22 @@ def fold_labels(features: torch.Tensor, k: int, scores: torch.Tensor, blocks: li
             starts = (special_partition(len(free), top_k(sub_scores, k_free - 1)),)
         result = cluster(sub, min(k_free, len(free)), seed=seed, restarts=restarts, start_partitions=starts)
         labels[free] = result.labels + len(blocks)
-    return labels
+        if not blocks:
+            return labels, result.inertia
+    return labels, inertia(features, labels, int(labels.max()) + 1)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` is the GPU when PyTorch sees one, else the CPU; asking for a missing GPU is bad input."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:")):
+        raise BadInput(f"unknown device {name!r}; use auto, cpu or cuda")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise BadInput(f"--device {name} needs an NVIDIA GPU that PyTorch can use, and none is visible; "
+                       f"use --device cpu (or auto)")
+    return torch.device(name)
 
 
 def compress_model(
@@ -182,7 +198,7 @@ def compress_model(
     restarts: int = 4,
     repair: str = "none",
     calibration: torch.Tensor | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: Callable[[int], None] | None = None,
 ) -> CompressionResult:
     """Compress a copy of ``model``; the input model is left unchanged.
@@ -201,9 +217,12 @@ def compress_model(
         raise BadInput("repair bn-recalibrate needs unlabelled calibration images: pass --calibration-data PATH "
                        "(never the evaluation images)")
     ratio = check_ratio(ratio)
-    ratios = {name: check_ratio(r) for name, r in (group_ratios or {}).items()}
+    # A group ratio of 0 keeps that group whole (budgeted plans name every group they surveyed).
+    ratios = {name: 0.0 if r == 0 else check_ratio(r) for name, r in (group_ratios or {}).items()}
     start = time.perf_counter()
+    device = resolve_device(device)
     work = copy.deepcopy(model).eval().to(device)
+    apply_rewrites(work)
     example_inputs = example_inputs.to(device) if isinstance(example_inputs, torch.Tensor) else example_inputs
     names = dict(work.named_modules())
     if protected is None:
@@ -255,8 +274,7 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
     scores = producer_scores(view, p)
     total = float((features ** 2).sum())
     if method == "fold":
-        labels = fold_labels(features, k, scores, fixed_blocks(view), seed, restarts)
-        error = _projection_error(features, labels)
+        labels, error = fold_labels(features, k, scores, fixed_blocks(view), seed, restarts)
         factors = variance_factors(features, labels) if fold_ar else None
         drop = merge_clusters(view, labels)
         if factors is not None:
@@ -272,7 +290,3 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
     record.weight_error = error
     record.relative_error = error / total if total > 0 else 0.0
     return record
-
-
-def _projection_error(features: torch.Tensor, labels: torch.Tensor) -> float:
-    return inertia(features, labels, int(labels.max()) + 1)

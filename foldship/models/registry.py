@@ -1,7 +1,7 @@
 """Model registry: CLI names -> architecture factories with their default input and preprocessing.
 
 Names: ``cifar_resnet20`` ... ``cifar_resnet110`` and ``cifar_resnet18`` (built in),
-``torchvision:<name>`` and ``hf:<hub id or folder>``.
+``torchvision:<name>``, ``timm:<name>`` and ``hf:<hub id or folder>``.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from .checkpoint import read_state_dict
+from .checkpoint import read_state_dict, resolve_checkpoint
 from .cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet, cifar_resnet18
+from .foreign import apply_mapping
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,6 +53,7 @@ class LoadedModel:
     preprocessing: Preprocessing
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
+    checkpoint_mapping: str | None = None  # how checkpoint names met the model's: names, by-order or rename
 
     def example_inputs(self, batch: int = 1) -> torch.Tensor:
         if hasattr(self.model, "example_inputs"):  # models whose inputs are not images (hf: token ids)
@@ -76,12 +78,16 @@ def model_spec(name: str, num_classes: int | None = None, input_size: int | None
         spec = BUILTIN_MODELS[name]
     elif name.startswith("torchvision:"):
         spec = _torchvision_spec(name.split(":", 1)[1])
+    elif name.startswith("timm:"):
+        from .timm_models import timm_spec  # timm is an optional extra: import it only when asked for
+        spec = timm_spec(name.split(":", 1)[1])
     elif name.startswith("hf:"):
         from .hf import hf_spec  # transformers is an optional extra: import it only when asked for
         spec = hf_spec(name.split(":", 1)[1])
     else:
         raise BadInput(f"unknown model {name!r}; use one of {', '.join(BUILTIN_MODELS)}, torchvision:<name> "
-                       f"(e.g. torchvision:resnet18) or hf:<hub id or model folder>")
+                       f"(e.g. torchvision:resnet18), timm:<name> (e.g. timm:efficientnet_lite0) "
+                       f"or hf:<hub id or model folder>")
     if num_classes is not None:
         spec = ModelSpec(spec.family, spec.build, spec.input_shape, num_classes, spec.preprocessing)
     if input_size is not None:
@@ -115,18 +121,24 @@ def load_model(
     input_size: int | None = None,
     trust_checkpoint: bool = False,
     preprocessing: Preprocessing | None = None,
+    checkpoint_map: str | dict[str, str] | None = None,
 ) -> LoadedModel:
-    """Build ``name`` and load ``checkpoint`` into it strictly (names and shapes must match)."""
+    """Build ``name`` and load ``checkpoint`` into it strictly (names and shapes must match).
+
+    ``checkpoint_map`` maps a checkpoint saved under other names first (see ``foreign``).
+    """
     spec = model_spec(name, num_classes, input_size)
     model = spec.build(num_classes=spec.num_classes)
-    sha = None
+    sha = mapping = None
     if checkpoint is not None:
-        state = read_state_dict(checkpoint, trust_checkpoint)
+        checkpoint = resolve_checkpoint(checkpoint)
+        state, mapping = apply_mapping(read_state_dict(checkpoint, trust_checkpoint), model, checkpoint_map,
+                                       checkpoint)
         load_strict(model, state, checkpoint, name)
         sha = sha256_of(checkpoint)
     model.eval()
     return LoadedModel(name, model, spec.input_shape, spec.num_classes, preprocessing or spec.preprocessing,
-                       str(checkpoint) if checkpoint else None, sha)
+                       str(checkpoint) if checkpoint else None, sha, mapping)
 
 
 def check_forward(loaded: LoadedModel) -> None:

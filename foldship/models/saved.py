@@ -6,6 +6,8 @@ compressed model never runs code from it (the pattern of timm's ``_pruned`` spec
 """
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import json
 import os
@@ -60,8 +62,15 @@ def _narrowed(module: nn.Module, widths: dict) -> nn.Module:
     if kind == "linear":
         return nn.Linear(widths["in_features"], widths["out_features"], module.bias is not None)
     if kind == "batchnorm":
-        return type(module)(widths["num_features"], module.eps, module.momentum, module.affine,
-                            module.track_running_stats)
+        # A copy, resized: BatchNorm subclasses carry more than the base class's arguments (timm's
+        # BatchNormAct2d holds its activation, e.g. ReLU6), which a fresh instance would lose.
+        narrowed, n = copy.deepcopy(module), widths["num_features"]
+        narrowed.num_features = n
+        for name, tensor in list(narrowed.named_parameters(recurse=False)) + list(narrowed.named_buffers(recurse=False)):
+            if tensor.ndim == 1:
+                resized = torch.empty(n, dtype=tensor.dtype)
+                setattr(narrowed, name, nn.Parameter(resized) if isinstance(tensor, nn.Parameter) else resized)
+        return narrowed
     if kind == "layernorm":
         return nn.LayerNorm(widths["normalized_shape"], module.eps, module.elementwise_affine,
                             bias=module.bias is not None)
@@ -171,6 +180,9 @@ def rebuild(spec: dict, source: Path | str = "<spec>") -> nn.Module:
     info = spec["model"]
     arch = model_spec(info["name"], info["num_classes"])
     model = arch.build(num_classes=arch.num_classes)
+    from ..compress.groups import apply_rewrites  # late: compress imports models
+
+    apply_rewrites(model)  # compression ran on the rewritten structure, so the spec names its layers
     modules = dict(model.named_modules())
     for name, widths in spec["layers"].items():
         original = modules.get(name)

@@ -5,13 +5,14 @@ CompressionResult, an OnnxArtifact); this module only orders them and writes the
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
 
+from ..compress.budget import plan_budget
 from ..compress.engine import compress_model
 from ..data import calibration_images, load_images
+from ..data.presets import resolve_preprocessing
 from ..exporters import export_model, export_report
 from ..models.registry import LoadedModel, Preprocessing, check_forward, load_model
 from ..models.saved import SPEC_NAME, NotDescribable, save_compressed
@@ -36,11 +37,9 @@ class BuildOutcome:
 
 def load_from_config(config: BuildConfig) -> LoadedModel:
     loaded = load_model(config.model, config.checkpoint, config.num_classes, config.input_size,
-                        config.trust_checkpoint)
-    if config.mean or config.std:
-        base = loaded.preprocessing
-        loaded.preprocessing = dataclasses.replace(base, mean=tuple(config.mean or base.mean),
-                                                   std=tuple(config.std or base.std))
+                        config.trust_checkpoint, checkpoint_map=config.checkpoint_map)
+    loaded.preprocessing = resolve_preprocessing(loaded.preprocessing, config.preprocess,
+                                                 **config.preprocessing_overrides())
     check_forward(loaded)
     return loaded
 
@@ -58,17 +57,20 @@ def build(config: BuildConfig, progress: StageProgress | None = None) -> BuildOu
 def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress) -> tuple[dict, dict]:
     with progress.stage("load model"):
         loaded = load_from_config(config)
-    with progress.stage("load data"):
+    with progress.stage("load data") as advance:
         data = load_images(config.data, loaded.preprocessing, config.limit, loaded.num_classes,
-                           input_shape=loaded.input_shape)
+                           input_shape=loaded.input_shape, progress=advance)
         calibration = None
         if config.calibration_data:
             calibration = calibration_images(config.calibration_data, loaded.preprocessing, data,
                                              config.calibration_count, config.seed)
     example = loaded.example_inputs(2)
     with progress.stage(f"compress ({config.method})", total=None) as advance:
+        budget = plan_budget(loaded.model, example, config.method, config.target_macs, config.target_latency,
+                             config.round_to, config.groups, config.protected, config.threads)
         result = compress_model(loaded.model, example, config.method, config.ratio, config.seed, config.groups,
-                                config.group_ratios, config.protected, config.round_to, repair=config.repair,
+                                budget.group_ratios() if budget else config.group_ratios, config.protected,
+                                budget.align if budget else config.round_to, repair=config.repair,
                                 calibration=calibration, device=config.device, progress=advance)
     compressed = result.model.cpu().eval()
     try:  # the compressed model as data (width spec + safetensors), rebuilt by foldship.load_compressed
@@ -98,10 +100,12 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress)
         sides[key] = {"params": count_params(model), "macs": macs[key], **validation.report[key],
                       "onnx": asdict(onnx_file) | {"path": f"{key}.onnx"}}
     compression = result.summary()
+    compression["budget"] = budget.summary() if budget else None
     compression["groups_compressed"] = sum(g["action"] in ("folded", "pruned") for g in compression["groups"])
     return {
         "foldship_version": metadata.version("foldship"),
         "model": {"name": loaded.name, "checkpoint": loaded.checkpoint, "checkpoint_sha256": loaded.checkpoint_sha256,
+                  "checkpoint_mapping": loaded.checkpoint_mapping,
                   "input_shape": list(loaded.input_shape), "num_classes": loaded.num_classes,
                   "preprocessing": asdict(loaded.preprocessing)},
         "data": {"path": data.source, "images": len(data),

@@ -6,14 +6,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 
-from ..compress.engine import GROUP_POLICIES, METHODS
+from ..compress.budget import check_targets
+from ..compress.engine import GROUP_POLICIES, METHODS, resolve_device
+from ..data.presets import resolve_preprocessing
 from ..compress.repairs import REPAIRS
 from ..compress.widths import check_ratio
 from ..errors import BadInput
 from ..exporters import ExportOptions, TrtSettings
+from ..models.registry import Preprocessing
 from ..validators.artifacts import OrtSettings
 from ..validators.gates import GATES, check_limits
 from ..validators.latency import LatencyProtocol
@@ -40,12 +42,19 @@ class BuildConfig:
     group_ratios: dict[str, float] = field(default_factory=dict)
     protected: list[str] | None = None  # module names whose outputs stay whole; default: classifier
     round_to: int = 1
+    target_macs: float | None = None  # budgeted compression: per-group widths chosen to meet this MAC fraction
+    target_latency: float | None = None  # ... or this fraction of the baseline's ONNX Runtime CPU latency
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # compression on the GPU when PyTorch sees one
     num_classes: int | None = None
     input_size: int | None = None
     mean: list[float] | None = None  # overrides the model family's normalisation
     std: list[float] | None = None
+    preprocess: str | None = None  # a preset of foldship.data.presets; default: the model family's pipeline
+    resize: int | None = None  # shorter side before the centre crop
+    crop: int | None = None
+    interpolation: str | None = None
+    checkpoint_map: str | dict[str, str] | None = None  # names (default), by-order, or {pattern: replacement}
     limit: int | None = None  # evaluate on the first N images only
     exporter: str = "dynamo"
     shrinker: str = "onnxslim"  # onnxslim, onnxsim or none; every pass is checked in ONNX Runtime
@@ -91,17 +100,19 @@ class BuildConfig:
         self.export_options().validate()
         if self.min_fp16_agreement is not None and not 0 <= self.min_fp16_agreement <= 1:
             raise BadInput(f"min_fp16_agreement is a fraction in [0, 1], got {self.min_fp16_agreement}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise BadInput(f"unknown device {self.device!r}; use cpu or cuda")
-        if self.device != "cpu" and not torch.cuda.is_available():
-            raise BadInput(f"--device {self.device} needs an NVIDIA GPU that PyTorch can use, and none is visible; "
-                           f"use --device cpu")
+        self.device = str(resolve_device(self.device))  # the report records where compression really ran
         self.ratio = check_ratio(self.ratio)
         if self.round_to < 1:
             raise BadInput(f"round_to must be >= 1, got {self.round_to}")
+        check_targets(self.target_macs, self.target_latency, self.group_ratios)
+        resolve_preprocessing(Preprocessing(), self.preprocess, **self.preprocessing_overrides())
         self.validation_settings()
         check_limits(self.gate_limits())
         return self
+
+    def preprocessing_overrides(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "resize": self.resize, "crop": self.crop,
+                "interpolation": self.interpolation}
 
     def validation_settings(self) -> ValidationSettings:
         protocol = LatencyProtocol(self.latency_warmup, self.latency_min_runs, self.latency_min_seconds,
@@ -119,19 +130,25 @@ class BuildConfig:
                                          self.trt_workspace_mib, self.trt_builder_level, self.trt_timing_cache))
 
 
+def read_yaml(path: str | Path | None) -> dict:
+    """The key/value mapping of a YAML config file ({} without a file); BadInput when it is not one."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"config {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise BadInput(f"config {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise BadInput(f"config {path} must be a mapping of keys to values")
+    return values
+
+
 def load_config(path: str | Path | None = None, **overrides) -> BuildConfig:
     """Defaults <- YAML file <- overrides (None values are ignored)."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise BadInput(f"config {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise BadInput(f"config {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise BadInput(f"config {path} must be a mapping of keys to values")
+    values = read_yaml(path)
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(BuildConfig)}
     unknown = sorted(set(values) - known)

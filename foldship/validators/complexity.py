@@ -12,16 +12,19 @@ def count_params(model: nn.Module) -> int:
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     """Multiply-accumulates of conv and linear layers for one sample (as thop counts them)."""
-    total = 0
+    return sum(layer_macs(model, example).values())
+
+
+def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
+    """Multiply-accumulates of each conv and linear layer for one sample (summed over repeated calls)."""
+    macs: dict[nn.Module, int] = {}
 
     def conv_hook(module: nn.Conv2d, inputs, output):
-        nonlocal total
         per_output = (module.in_channels // module.groups) * int(torch.tensor(module.kernel_size).prod())
-        total += output[0].numel() * per_output
+        macs[module] = macs.get(module, 0) + output[0].numel() * per_output
 
     def linear_hook(module: nn.Linear, inputs, output):
-        nonlocal total
-        total += output[0].numel() * module.in_features
+        macs[module] = macs.get(module, 0) + output[0].numel() * module.in_features
 
     hooks = []
     for m in model.modules():
@@ -35,7 +38,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     finally:
         for h in hooks:
             h.remove()
-    return int(total)
+    return macs
 
 
 def onnx_macs(path: str) -> int:
