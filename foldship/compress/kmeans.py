@@ -92,7 +92,6 @@ def _single_threaded(loop):
     return wrapper
 
 
-@_single_threaded
 def lloyd(gram: torch.Tensor, labels: torch.Tensor, k: int, max_iter: int = 50, tol: float = 1e-4) -> torch.Tensor:
     """Lloyd iterations (kernel form) from a starting partition; inertia never increases.
 
