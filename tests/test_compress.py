@@ -3,12 +3,13 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from foldship.compress import compress, compress_model
 from foldship.errors import BadInput
 from foldship.validators import count_params, evaluate_torch
 
-from .conftest import cifar_resnet18, duplicate_channels
+from .conftest import cifar_resnet18, duplicate_channels, randomise_bn
 
 # method.md section 11 (trainable parameters; BN running statistics excluded)
 RESNET20_PARAMS = {0.1: 212_135, 0.3: 128_017, 0.5: 68_050, 0.7: 23_317, 0.9: 2_487}
@@ -47,6 +48,42 @@ def test_duplicated_channels_fold_losslessly(zoo, name):
     assert count_params(folded) < count_params(wide)
     with torch.no_grad():
         reference, got = wide(x), folded(x)
+    assert (got - reference).abs().max() <= 1e-4 * reference.abs().max()
+
+
+def torchvision_zoo(name: str) -> nn.Module:
+    """Issue 3's torchvision architectures, small where their size adds nothing: every construct
+    kept (bottlenecks and downsample shortcuts, inverted residuals with depthwise convs and ReLU6,
+    VGG's conv chain flattened into a linear layer, ConvNeXt blocks), random weights."""
+    from torchvision import models
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    if name == "resnet18":
+        return models.resnet18(num_classes=10)
+    if name == "resnet50":
+        return ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10)
+    if name == "mobilenet_v2":
+        return models.mobilenet_v2(num_classes=10, width_mult=0.5)
+    if name == "vgg11_bn":
+        model = models.vgg11_bn(num_classes=10)
+        model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 64), nn.ReLU(True), nn.Dropout(),
+                                         nn.Linear(64, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, 10))
+        return model
+    # layer scale 0.5, not 1e-6: with the default the blocks' MLPs barely reach the output
+    return ConvNeXt([CNBlockConfig(32, 64, 2), CNBlockConfig(64, None, 2)], layer_scale=0.5, num_classes=10)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "vgg11_bn", "convnext_tiny"])
+def test_torchvision_architectures_fold_duplicates_losslessly(name):
+    torch.manual_seed(0)
+    model, x = randomise_bn(torchvision_zoo(name)), torch.randn(2, 3, 32, 32)
+    wide = duplicate_channels(model, x)
+    result = compress_model(wide, x, "fold", 0.5, restarts=1)
+    assert sum(g.action == "folded" for g in result.groups) >= 2
+    assert count_params(result.model) < count_params(wide)
+    with torch.no_grad():
+        reference, got = wide(x), result.model(x)
     assert (got - reference).abs().max() <= 1e-4 * reference.abs().max()
 
 

@@ -54,8 +54,9 @@ def test_rank_distance_one_bound(case):
     err_special = inertia(w, special_partition(n, kept), k + 1)
     assert abs(err_special - (err_prune - len(dropped) * float(mu @ mu))) <= 1e-9 * max(1.0, err_prune)
     assert err_special <= err_prune + 1e-12
-    seeded = lloyd(w @ w.T, special_partition(n, kept), k + 1)
+    seeded, seeded_inertia = lloyd(w @ w.T, special_partition(n, kept), k + 1)
     assert inertia(w, seeded, k + 1) <= err_special + 1e-9
+    assert seeded_inertia == pytest.approx(inertia(w, seeded, k + 1), rel=1e-9, abs=1e-9)
     best = cluster(w, k + 1, seed=seed, start_partitions=(special_partition(n, kept),))
     assert best.inertia <= err_prune + 1e-9
 
@@ -79,3 +80,26 @@ def test_rank_distance_one_on_every_real_group(resnet56, zoo):
                 assert inertia(w, labels, k + 1) <= err_prune * (1 + 1e-9)
                 checked += 1
         assert checked >= 24
+
+
+def test_wide_clusterings_seed_in_chunks_and_keep_every_guarantee():
+    """k beyond SEEDING_STEPS (a transformer MLP folded to half) seeds in chunks, in float32 Gram
+    form: still k non-empty clusters, deterministic, never worse than its magnitude-pruning start."""
+    from foldship.compress.kmeans import SEEDING_STEPS, _chunk_sizes
+
+    assert _chunk_sizes(399, SEEDING_STEPS) == [2] * 143 + [1] * 113
+    assert _chunk_sizes(10, SEEDING_STEPS) == [1] * 10
+    n, k = 600, 400
+    w = torch.randn(n, 700, generator=torch.Generator().manual_seed(3))  # n * n * d > 2e8: float32 Gram
+    kept = top_k(w.norm(dim=1), k - 1)
+    start = special_partition(n, kept)
+    first = cluster(w, k, seed=1, restarts=2, start_partitions=(start,))
+    again = cluster(w, k, seed=1, restarts=2, start_partitions=(start,))
+    assert torch.equal(first.labels, again.labels) and first.inertia == again.inertia
+    assert sorted(set(first.labels.tolist())) == list(range(k))
+    exact = inertia(w.double(), first.labels, k)
+    assert first.inertia == pytest.approx(exact, rel=1e-12)
+    assert exact <= inertia(w.double(), start, k)
+    # the restarts alone (no start partition) also fill every cluster
+    free = cluster(w, k, seed=1, restarts=2)
+    assert sorted(set(free.labels.tolist())) == list(range(k))

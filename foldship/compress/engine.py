@@ -75,11 +75,16 @@ def group_features(view: GroupView) -> torch.Tensor:
     return torch.cat(blocks, dim=1)
 
 
+def producer_rows(view: GroupView, items: Sequence | None = None) -> torch.Tensor:
+    """(n, d) matrix of the producers' flattened filters (no BN, bias or consumers), group axis first."""
+    rows = [_gather(s.tensor, s.dim, item.table) for item in (items or view.weighted_items)
+            for s in item_slices(item) if s.producer]
+    return torch.cat(rows, 1)
+
+
 def producer_scores(view: GroupView, p: int) -> torch.Tensor:
-    """Lp norm of the root producer's flattened filter for each channel (no BN, bias or consumers)."""
-    root = view.items[0]
-    rows = [_gather(s.tensor, s.dim, root.table) for s in item_slices(root) if s.producer]
-    return torch.linalg.vector_norm(torch.cat(rows, 1).to(torch.float64), ord=p, dim=1)
+    """Lp norm of the root producer's flattened filter for each channel."""
+    return torch.linalg.vector_norm(producer_rows(view, view.items[:1]), ord=p, dim=1)
 
 
 def top_k(scores: torch.Tensor, k: int) -> list[int]:
@@ -275,7 +280,7 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
     total = float((features ** 2).sum())
     if method == "fold":
         labels, error = fold_labels(features, k, scores, fixed_blocks(view), seed, restarts)
-        factors = variance_factors(features, labels) if fold_ar else None
+        factors = variance_factors(producer_rows(view), labels) if fold_ar else None
         drop = merge_clusters(view, labels)
         if factors is not None:
             scale_gammas(view, representatives(labels), factors)

@@ -42,16 +42,20 @@ def inertia(features: torch.Tensor, labels: torch.Tensor, k: int, total: float |
 
 
 def _centroid_distances(gram: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """(n, k) squared distances of every row to every cluster mean, from the Gram matrix alone."""
-    n = gram.shape[0]
+    """(k, n) squared distances of every cluster mean to every row, from the Gram matrix alone.
+
+    Cluster-major, so every pass below (and the argmin over clusters) runs along contiguous memory.
+    """
     counts = torch.bincount(labels, minlength=k).to(gram.dtype)
     safe = counts.clamp_min(1)
-    # sum_{l in j} G_il, scattered by rows (contiguous; G is symmetric) rather than by columns
-    cross = torch.zeros(k, n, dtype=gram.dtype, device=gram.device).index_add_(0, labels, gram).T
+    # cross[c, i] = sum_{l in c} G_li: rows of G scattered by label (G is symmetric)
+    cross = torch.zeros(k, gram.shape[0], dtype=gram.dtype, device=gram.device).index_add_(0, labels, gram)
     centre_norm = torch.zeros(k, dtype=gram.dtype, device=gram.device).index_add_(
-        0, labels, cross.gather(1, labels[:, None]).squeeze(1)) / safe ** 2
-    dist = gram.diagonal()[:, None] - 2.0 * cross / safe + centre_norm[None, :]
-    dist[:, counts == 0] = float("inf")
+        0, labels, cross.gather(0, labels[None, :]).squeeze(0)) / safe ** 2
+    # in place: these (k, n) passes are memory-bound, and a wide group's matrix is tens of MB
+    # (the diagonal is copied first: read in place it is strided by n + 1, once per cluster)
+    dist = cross.mul_((-2.0 / safe)[:, None]).add_(centre_norm[:, None]).add_(gram.diagonal().contiguous()[None, :])
+    dist[counts == 0] = float("inf")
     return dist.clamp_min_(0.0)
 
 
@@ -68,7 +72,7 @@ def _fill_empty(gram: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tenso
     """Give each empty cluster the row farthest from its own mean (taken from a cluster of >= 2)."""
     counts = torch.bincount(labels, minlength=k)
     for empty in torch.nonzero(counts == 0).flatten().tolist():
-        own = _centroid_distances(gram, labels, k).gather(1, labels[:, None]).squeeze(1)
+        own = _centroid_distances(gram, labels, k).gather(0, labels[None, :]).squeeze(0)
         own[counts[labels] < 2] = -1.0  # never empty another cluster
         row = int(torch.argmax(own))  # first index on ties: deterministic
         counts[labels[row]] -= 1
@@ -92,55 +96,77 @@ def _single_threaded(loop):
     return wrapper
 
 
-def lloyd(gram: torch.Tensor, labels: torch.Tensor, k: int, max_iter: int = 50, tol: float = 1e-4) -> torch.Tensor:
+def lloyd(gram: torch.Tensor, labels: torch.Tensor, k: int, max_iter: int = 50,
+          tol: float = 1e-4) -> tuple[torch.Tensor, float]:
     """Lloyd iterations (kernel form) from a starting partition; inertia never increases.
 
     Stops when no row moves, or when a step lowers the inertia by less than ``tol`` of it (the
-    tail of Lloyd moves a few rows for tiny gains, at full O(n^2) cost per step).
+    tail of Lloyd moves a few rows for tiny gains, at full O(n^2) cost per step). Returns the
+    labels and their inertia (read off G).
     """
     labels = _fill_empty(gram, labels.clone(), k)
     previous = float("inf")
     for _ in range(max_iter):
         dist = _centroid_distances(gram, labels, k)
-        own = dist.gather(1, labels[:, None]).squeeze(1)
+        own = dist.gather(0, labels[None, :]).squeeze(0)
         current = float(own.sum())  # inertia of ``labels``, free from the distances
         if previous - current <= tol * current:
-            break
+            return labels, current
         previous = current
-        new = torch.argmin(dist, dim=1)
         # A row stays where it is when its own cluster is as close as the best: no churn on ties.
-        stay = own <= dist.gather(1, new[:, None]).squeeze(1)
-        new = _fill_empty(gram, torch.where(stay, labels, new), k)
-        if torch.equal(new, labels):
-            break
-        labels = new
-    return labels
+        # Only the rows that move need an argmin (a min alone is several times cheaper on CPU).
+        moving = torch.nonzero(own > dist.amin(0)).flatten()
+        if len(moving) == 0:
+            return labels, current
+        new = labels.clone()
+        new[moving] = torch.argmin(dist[:, moving], dim=0)
+        labels = _fill_empty(gram, new, k)
+    return labels, gram_inertia(gram, labels, k)
+
+
+# Greedy k-means++ adds one seed per step up to this many steps; wider clusterings (a transformer MLP
+# folded to k = 1536) add their seeds in equal chunks instead, so seeding stays a few hundred steps.
+SEEDING_STEPS = 256
+
+
+def _chunk_sizes(total: int, steps: int) -> list[int]:
+    """``total`` split into ``min(total, steps)`` near-equal chunks, larger ones first."""
+    count = min(total, steps)
+    base, extra = divmod(total, count) if count else (0, 0)
+    return [base + 1] * extra + [base] * (count - extra)
 
 
 @_single_threaded
 def kmeans_plus_plus(pairwise: torch.Tensor, k: int, generator: torch.Generator, runs: int = 1) -> list[torch.Tensor]:
     """``runs`` greedy k-means++ seedings (2 + ln k candidates per step, keep the best), as nearest-seed partitions.
 
-    The runs advance in lockstep so each step is a few batched tensor operations.
+    Up to ``SEEDING_STEPS`` seeds this is textbook greedy k-means++. Beyond, each step draws a
+    chunk of seeds at once (each candidate is a set of rows drawn by D^2 sampling; keep the set
+    that lowers the potential most). The runs advance in lockstep so each step is a few batched
+    tensor operations.
     """
     n = pairwise.shape[0]
     trials = 2 + int(math.log(k)) if k > 1 else 1
     first = torch.randint(n, (runs,), generator=generator).to(pairwise.device)
-    closest = pairwise[first]  # (runs, n)
-    nearest = torch.zeros_like(closest, dtype=torch.long)  # index of each row's nearest seed so far
+    closest = pairwise[first]  # (runs, n): each row's distance to its nearest seed so far
+    seeds = [first[:, None]]
     rows = torch.arange(runs, device=pairwise.device)
-    for step in range(1, k):
+    for chunk in _chunk_sizes(k - 1, SEEDING_STEPS):
         total = closest.sum(1, keepdim=True)
         # Where every row is already a seed (fewer distinct rows than k), fall back to uniform picks.
         probs = torch.where(total > 0, closest / total.clamp_min(1e-300), torch.full_like(closest, 1.0 / n))
-        candidates = torch.multinomial(probs.cpu().float(), trials, replacement=True, generator=generator)
-        candidates = candidates.to(pairwise.device)  # (runs, trials)
-        candidate_closest = torch.minimum(closest[:, None, :], pairwise[candidates])  # (runs, trials, n)
+        candidates = torch.multinomial(probs.cpu().float(), trials * chunk, replacement=True, generator=generator)
+        candidates = candidates.to(pairwise.device).view(runs, trials, chunk)
+        gathered = pairwise[candidates]  # (runs, trials, chunk, n)
+        candidate_closest = torch.minimum(closest[:, None, :], gathered[:, :, 0])
+        for member in range(1, chunk):  # a loop over the few members: a min over a middle dim is far slower
+            candidate_closest = torch.minimum(candidate_closest, gathered[:, :, member])
         best = torch.argmin(candidate_closest.sum(2), dim=1)
-        # strictly closer only: on ties the earlier seed keeps the row, as an argmin over seeds would
-        nearest = torch.where(pairwise[candidates[rows, best]] < closest, step, nearest)
+        seeds.append(candidates[rows, best])
         closest = candidate_closest[rows, best]
-    return list(nearest.unbind(0))
+    chosen = torch.cat(seeds, 1)  # (runs, k) in the order drawn
+    # Each row joins its nearest seed; argmin takes the first on ties, i.e. the earliest seed drawn.
+    return [pairwise.index_select(1, run).argmin(1) for run in chosen.unbind(0)]
 
 
 def special_partition(n: int, kept: list[int]) -> torch.Tensor:
@@ -171,7 +197,7 @@ def cluster(
     exact = features.to(torch.float64)
     # float32 Gram for wide groups: ranking below uses exact inertia, so rounding cannot cost the bound
     fast = exact if n * n * exact.shape[1] < 2e8 or exact.device.type != "cpu" else features.to(torch.float32)
-    gram = (fast @ fast.T).to(torch.float64)
+    gram = fast @ fast.T  # kept in float32 when W is: Lloyd's O(n^2) passes are memory-bound
     norms = gram.diagonal()
     pairwise = (norms[:, None] + norms[None, :] - 2.0 * gram).clamp_min_(0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -179,9 +205,9 @@ def cluster(
     if restarts:
         starts += kmeans_plus_plus(pairwise, k, generator, restarts)
     seeded = [p for p in starts[:len(start_partitions)] if int(p.max()) + 1 == k and len(torch.unique(p)) == k]
-    seeded += [lloyd(gram, start, k, max_iter) for start in starts[:len(start_partitions)]]
+    seeded += [lloyd(gram, start, k, max_iter)[0] for start in starts[:len(start_partitions)]]
     restarted = [lloyd(gram, start, k, max_iter) for start in starts[len(start_partitions):]]
-    best = min(restarted, key=lambda labels: gram_inertia(gram, labels, k)) if restarted else None
+    best = min(restarted, key=lambda run: run[1])[0] if restarted else None
     # Exact scores for the seeded candidates and the best restart: the bound is decided on W itself
     # (read off G when G was computed in float64, else recomputed on W).
     finalists = seeded + ([best] if best is not None else [])
