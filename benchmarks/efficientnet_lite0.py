@@ -2,11 +2,14 @@
 
 The model, the images and the baseline are loaded, exported and measured once; each variant is
 compressed (timed), exported as the build ships it (BatchNorm fused, ONNX, shrunk and checked),
-evaluated through ONNX Runtime CPU on all images, and timed at batch 1 and 16. "Uniform" is the
-paper's single ratio over every group, chosen so its MACs match the budgeted model's as closely
-as the width rule allows. Latency blocks alternate over all models for ``--trials`` rounds and
-the samples pool, so drift on a shared machine hits every model alike. Prints a markdown table
-and writes benchmarks/results/efficientnet_lite0.json.
+evaluated through ONNX Runtime CPU on all images, and timed at batch 1 and 16. "Budgeted" plans
+per-group widths for ``--target-macs`` from a label-free sensitivity survey on smooth noise (never
+the evaluation images; planning time is reported apart from compression time). "Uniform" is the
+paper's single ratio over every group with widths rounded to the same multiple of 8 the budget
+uses, chosen so its MACs match the budgeted fold's as closely as the width rule allows. Latency
+blocks alternate over all models for ``--trials`` rounds and the samples pool, so drift on a
+shared machine hits every model alike. Prints a markdown table and writes
+benchmarks/results/efficientnet_lite0.json.
 
     .venv/bin/python benchmarks/efficientnet_lite0.py [--target-macs 0.85] [--trials 2]
 """
@@ -39,11 +42,12 @@ VARIANTS = [("fold", "uniform", "none"), ("fold", "uniform", "fold-ar"), ("fold"
             ("fold", "budgeted", "fold-ar"), ("prune-l2", "uniform", "none"), ("prune-l2", "budgeted", "none")]
 
 
-def uniform_ratio(model, example, mac_fraction: float) -> float:
-    """The single ratio whose MAC fraction is closest to ``mac_fraction`` (paper width rule, no rounding)."""
+def uniform_ratio(model, example, mac_fraction: float, round_to: int) -> float:
+    """The single ratio whose MAC fraction is closest to ``mac_fraction`` (paper width rule, widths
+    rounded down to multiples of ``round_to``; ties: the smaller ratio)."""
     views = list(DependencyAdapter(model, example, output_layers(model, example)).groups())
     macs = MacModel(model, example, views)
-    fraction = lambda r: macs.fraction({v.name: kept_width(v.size, r) / v.size for v in views})
+    fraction = lambda r: macs.fraction({v.name: kept_width(v.size, r, round_to) / v.size for v in views})
     return min((r / 1000 for r in range(1, 500)), key=lambda r: abs(fraction(r) - mac_fraction))
 
 
@@ -81,18 +85,27 @@ def main() -> None:
         results["baseline"] = {"macs": base_macs, "top1": top1, "top5": top5, "torch_top1": torch_top1}
         print(f"baseline: {top1}/{len(data)} top-1 (PyTorch {torch_top1}), {top5} top-5, {base_macs / 1e6:.1f} M MACs",
               flush=True)
-        ratio = None
+        plans, plan_seconds, ratio = {}, {}, None
+
+        def planned(method: str):
+            if method not in plans:  # one survey per method, shared by its variants
+                start = time.perf_counter()
+                plans[method] = plan_budget(loaded.model, example, method, target_macs=args.target_macs)
+                plan_seconds[method] = round(time.perf_counter() - start, 1)
+                print(f"{method} plan: {plans[method].mac_fraction:.3f}x MACs in {plan_seconds[method]} s", flush=True)
+            return plans[method]
+
         for method, allocation, repair in VARIANTS:
             name = f"{method}-{allocation}-{repair}"
             plan = None
             if allocation == "budgeted":
-                plan = plan_budget(loaded.model, example, method, target_macs=args.target_macs)
+                plan = planned(method)
                 ratios, round_to = plan.group_ratios(), plan.align
             else:
-                if ratio is None:  # matched once, to the budgeted fold's MACs
-                    fold_plan = plan_budget(loaded.model, example, "fold", target_macs=args.target_macs)
-                    ratio = uniform_ratio(loaded.model, example, fold_plan.mac_fraction)
-                ratios, round_to = None, 1
+                round_to = planned("fold").align
+                if ratio is None:  # matched once, to the budgeted fold's MACs, at the same alignment
+                    ratio = uniform_ratio(loaded.model, example, planned("fold").mac_fraction, round_to)
+                ratios = None
             result = compress_model(loaded.model, example, method, ratio or 0.5, group_ratios=ratios,
                                     round_to=round_to, repair=repair)
             model = result.model.eval()
@@ -101,7 +114,10 @@ def main() -> None:
             entry = {"name": name, "method": method, "allocation": allocation, "repair": repair,
                      "ratio": None if plan else ratio, "mac_ratio": count_macs(model, example) / base_macs,
                      "top1": top1, "top5": top5, "compress_seconds": round(result.seconds, 2),
+                     "plan_seconds": plan_seconds[method] if plan else None, "round_to": round_to,
                      "widths": {g.name: g.kept for g in result.groups}}
+            if plan:
+                entry["budget"] = plan.summary()
             results["variants"].append(entry)
             print(f"{name}: {top1}/{len(data)} top-1, {top5} top-5, {entry['mac_ratio']:.3f}x MACs, "
                   f"compressed in {result.seconds:.1f} s", flush=True)
@@ -130,7 +146,7 @@ def main() -> None:
 
 def print_table(results: dict) -> None:
     b, n = results["baseline"], results["images"]
-    print(f"\n| variant | ratio | MACs | top-1 | top-5 | p50 batch 1 | p50 batch 16 | speedup b1 / b16 | compress |")
+    print(f"\n| variant | ratio | MACs | top-1 | top-5 | p50 batch 1 | p50 batch 16 | speedup b1 / b16 | compress (+ plan) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| baseline | – | 1.000x | {100 * b['top1'] / n:.1f}% | {100 * b['top5'] / n:.1f}% | {b['p50_ms'][1]:.1f} ms | "
           f"{b['p50_ms'][16]:.1f} ms | – | – |")
@@ -138,7 +154,8 @@ def print_table(results: dict) -> None:
         ratio = f"{v['ratio']:.3f}" if v["ratio"] else "budget"
         print(f"| {v['method']} {v['allocation']} {v['repair']} | {ratio} | {v['mac_ratio']:.3f}x | {100 * v['top1'] / n:.1f}% | "
               f"{100 * v['top5'] / n:.1f}% | {v['p50_ms'][1]:.1f} ms | {v['p50_ms'][16]:.1f} ms | "
-              f"{v['speedup'][1]:.2f}x / {v['speedup'][16]:.2f}x | {v['compress_seconds']:.1f} s |")
+              f"{v['speedup'][1]:.2f}x / {v['speedup'][16]:.2f}x | {v['compress_seconds']:.1f} s"
+              + (f" (+ {v['plan_seconds']:.0f} s) |" if v.get("plan_seconds") else " |"))
     print(f"\nfolding took {results['fold_over_prune_seconds']:.1f}x as long as pruning (mean compress seconds)")
 
 

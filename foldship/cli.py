@@ -375,7 +375,8 @@ def compress(
             if calibration_data:  # no evaluation set in this stage: nothing to keep calibration apart from
                 calibration = calibration_images(calibration_data, loaded.preprocessing, None)
             example = loaded.example_inputs(2)
-            budget = plan_budget(loaded.model, example, method, target_macs, target_latency, round_to, groups)
+            budget = plan_budget(loaded.model, example, method, target_macs, target_latency, round_to, groups,
+                                 calibration=calibration, seed=seed)
             result = compress_model(loaded.model, example, method, ratio, seed, groups,
                                     budget.group_ratios() if budget else None, round_to=budget.align if budget else round_to,
                                     repair=repair, calibration=calibration, device=device)

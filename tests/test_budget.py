@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from foldship.compress import compress_model
-from foldship.compress.budget import check_targets, plan_budget
+from foldship.compress.budget import check_targets, plan_budget, probe_inputs
 from foldship.errors import BadInput
 from foldship.models import load_model
 from foldship.validators.complexity import count_macs
@@ -33,23 +34,124 @@ def test_duplicated_channels_fold_losslessly(lite0_random):
     assert result.model.blocks[5][1].conv_dw.weight.shape == (576, 1, 5, 5)
 
 
+class DeadHalfNet(nn.Module):
+    """Two 32-channel groups at 32x32: ``hidden``, whose channels 16-31 are provably redundant (tiny
+    filters, zero weights in the next conv: removing them changes nothing), and ``mixed``, all alive."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng():  # seeded weights, the global generator left alone
+            torch.manual_seed(0)
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.hidden = nn.Conv2d(16, 32, 3, padding=1)
+            self.mixed = nn.Conv2d(32, 32, 3, padding=1)
+            self.head = nn.Linear(32, 10)
+        with torch.no_grad():
+            self.hidden.weight[16:] *= 1e-4
+            self.hidden.bias[16:] = 0
+            self.mixed.weight[:, 16:] = 0
+            self.head.weight *= 30  # logits of a few units, so the softmax (and its KL) is not flat
+
+    def forward(self, x):
+        x = torch.relu(self.hidden(torch.relu(self.stem(x))))
+        return self.head(torch.relu(self.mixed(x)).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def dead_half():
+    return DeadHalfNet().eval(), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("method", ["fold", "prune-l2"])
-def test_budget_meets_the_mac_target_with_aligned_widths(lite0_random, method):
-    example = torch.randn(2, 3, 96, 96)  # MAC shares per layer hardly depend on the resolution
-    plan = plan_budget(lite0_random, example, method, target_macs=0.8)
-    assert plan.align == 8 and plan.mac_fraction <= 0.8
-    kept = {g.name: g.width for g in plan.groups}
-    assert all(w % 8 == 0 for w in kept.values())
-    assert kept["conv_stem"] == 32 and kept["blocks.1.0.conv_pwl"] == 24  # stem and a narrow stream stay whole
-    # Pruning gives the same architecture as folding at the same widths, in a fraction of the time.
-    result = compress_model(lite0_random, example, "prune-l2", 0.5, group_ratios=plan.group_ratios(),
-                            round_to=plan.align)
-    assert {g.name: g.kept for g in result.groups} == kept
-    fraction = count_macs(result.model, example) / count_macs(lite0_random, example)
-    assert fraction == pytest.approx(plan.mac_fraction, abs=1e-9)
-    assert 0.75 < fraction <= 0.8
+def test_measured_sensitivity_finds_the_redundant_group_and_the_plan_cuts_it_first(dead_half, method):
+    model, example = dead_half
+    plan = plan_budget(model, example, method, target_macs=0.8)
+    groups = {g.name: g for g in plan.groups}
+    assert set(groups) == {"stem", "hidden", "mixed"}
+    assert [w for w, _ in groups["hidden"].damage] == [24, 16, 8]  # 3/4, 1/2, 1/4, aligned to 8
+    # Dropping 8 dead channels is lossless (and 16 when pruning: folding 32 -> 16 must merge a live one);
+    # dropping a quarter of the live group is not.
+    assert groups["hidden"].damage_at(24) < 1e-9 and groups["mixed"].damage_at(24) > 1e-3
+    assert groups["hidden"].damage_at(16) < (1e-9 if method == "prune-l2" else 0.1 * groups["mixed"].damage_at(24))
+    assert groups["hidden"].sensitivity < 1e-6 * groups["mixed"].sensitivity
+    # hidden 32 -> 24 alone brings the MACs to 0.8x or below (0.758x): nothing else is touched.
+    assert {g.name: g.width for g in plan.groups} == {"stem": 16, "hidden": 24, "mixed": 32}
+    assert 0.75 < plan.mac_fraction <= 0.8 and plan.predicted_damage < 1e-9
+    result = compress_model(model, example, method, 0.5, group_ratios=plan.group_ratios(), round_to=plan.align)
+    assert {g.name: g.kept for g in result.groups} == {"stem": 16, "hidden": 24, "mixed": 32}
+    assert count_macs(result.model, example) / count_macs(model, example) == pytest.approx(plan.mac_fraction, abs=1e-9)
+    probe = probe_inputs(example)
+    with torch.no_grad():
+        assert float((result.model(probe) - model(probe)).abs().max()) < 1e-4
+    # A deeper cut has to spend damage, and the plan stays aligned and under the target.
+    deep = plan_budget(model, example, method, target_macs=0.4)
+    assert deep.mac_fraction <= 0.4 and all(g.width % 8 == 0 for g in deep.groups)
+    assert deep.predicted_damage > 1e-4
+    summary = deep.summary()
+    assert summary["target"] == "macs" and [w["kept"] for w in summary["widths"]] == [g.width for g in deep.groups]
+    assert all(w["damage"] for w in summary["widths"])
+
+
+def test_plan_is_deterministic_and_calibration_images_replace_the_noise(dead_half):
+    model, example = dead_half
+    first = plan_budget(model, example, "fold", target_macs=0.4)
+    assert plan_budget(model, example, "fold", target_macs=0.4).summary() == first.summary()
+    images = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    calibrated = plan_budget(model, example, "fold", target_macs=0.4, calibration=images)
+    assert calibrated.probe == "calibration images (32)" and first.probe.startswith("smooth noise")
+    assert calibrated.summary()["widths"][0]["damage"] != first.summary()["widths"][0]["damage"]
+    # The noise is smooth (neighbouring pixels correlated), in [-1, 1], and reproducible from its seed.
+    noise = probe_inputs(example)
+    assert noise.shape == (32, 3, 32, 32) and float(noise.abs().max()) <= 1.0
+    assert torch.equal(noise, probe_inputs(example))
+    neighbours = torch.corrcoef(torch.stack([noise[..., :-1].flatten(), noise[..., 1:].flatten()]))[0, 1]
+    assert neighbours > 0.8
+
+
+def test_unreachable_mac_target_is_refused(dead_half):
+    model, example = dead_half
+    with pytest.raises(BadInput, match="cannot be met"):
+        plan_budget(model, example, "prune-l2", target_macs=0.01)
+
+
+class WideNet(nn.Module):
+    """Enough work at batch 16 (32x32, two 96-wide 3x3 convs) for latency to follow MACs."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.stem = nn.Conv2d(3, 32, 3, padding=1)
+            self.a = nn.Conv2d(32, 96, 3, padding=1)
+            self.b = nn.Conv2d(96, 96, 3, padding=1)
+            self.head = nn.Linear(96, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.a(torch.relu(self.stem(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_latency_target_is_met_by_measurement_and_recorded():
+    model, example = WideNet().eval(), torch.randn(2, 3, 32, 32)
+    plan = plan_budget(model, example, "prune-l2", target_latency=0.7, threads=1)
+    assert plan.target == "latency" and plan.latency_fraction is not None and 0 < plan.latency_fraction <= 0.7
+    assert plan.rounds and all(set(r) == {"mac_target", "mac_fraction", "latency_fraction"} for r in plan.rounds)
+    assert plan.rounds[-1]["latency_fraction"] == round(plan.latency_fraction, 4)
+    assert plan.rounds[0]["mac_target"] == 0.7 and all(r["mac_fraction"] <= r["mac_target"] for r in plan.rounds)
     summary = plan.summary()
-    assert summary["target"] == "macs" and len(summary["widths"]) == 24
+    assert summary["latency_fraction"] == round(plan.latency_fraction, 4)
+    kept = {w["group"]: w["kept"] for w in summary["widths"]}
+    assert set(kept) == {"stem", "a", "b"} and all(k % 8 == 0 for k in kept.values()) and min(kept.values()) < 96
+
+
+def test_latency_target_not_reached_is_refused(dead_half, monkeypatch):
+    import importlib
+
+    budget = importlib.import_module("foldship.compress.budget")
+    monkeypatch.setattr(budget, "_p50_ms", lambda path, example, threads: 10.0)  # no plan ever gets faster
+    model, example = dead_half
+    with pytest.raises(BadInput, match="not reached in 6 rounds"):
+        plan_budget(model, example, "prune-l2", target_latency=0.9)
 
 
 @pytest.mark.parametrize("targets, message", [((1.2, None, None), "in \\(0, 1\\)"),

@@ -142,8 +142,9 @@ def kmeans_plus_plus(pairwise: torch.Tensor, k: int, generator: torch.Generator,
 
     Up to ``SEEDING_STEPS`` seeds this is textbook greedy k-means++. Beyond, each step draws a
     chunk of seeds at once (each candidate is a set of rows drawn by D^2 sampling; keep the set
-    that lowers the potential most). The runs advance in lockstep so each step is a few batched
-    tensor operations.
+    that lowers the potential most), with about as many candidate rows per step as a single-seed
+    step has (at least 2 sets). The runs advance in lockstep so each step is a few batched tensor
+    operations.
     """
     n = pairwise.shape[0]
     trials = 2 + int(math.log(k)) if k > 1 else 1
@@ -152,12 +153,13 @@ def kmeans_plus_plus(pairwise: torch.Tensor, k: int, generator: torch.Generator,
     seeds = [first[:, None]]
     rows = torch.arange(runs, device=pairwise.device)
     for chunk in _chunk_sizes(k - 1, SEEDING_STEPS):
+        sets = max(2, -(-trials // chunk)) if chunk > 1 else trials
         total = closest.sum(1, keepdim=True)
         # Where every row is already a seed (fewer distinct rows than k), fall back to uniform picks.
         probs = torch.where(total > 0, closest / total.clamp_min(1e-300), torch.full_like(closest, 1.0 / n))
-        candidates = torch.multinomial(probs.cpu().float(), trials * chunk, replacement=True, generator=generator)
-        candidates = candidates.to(pairwise.device).view(runs, trials, chunk)
-        gathered = pairwise[candidates]  # (runs, trials, chunk, n)
+        candidates = torch.multinomial(probs.cpu().float(), sets * chunk, replacement=True, generator=generator)
+        candidates = candidates.to(pairwise.device).view(runs, sets, chunk)
+        gathered = pairwise[candidates]  # (runs, sets, chunk, n)
         candidate_closest = torch.minimum(closest[:, None, :], gathered[:, :, 0])
         for member in range(1, chunk):  # a loop over the few members: a min over a middle dim is far slower
             candidate_closest = torch.minimum(candidate_closest, gathered[:, :, member])
@@ -198,8 +200,8 @@ def cluster(
     # float32 Gram for wide groups: ranking below uses exact inertia, so rounding cannot cost the bound
     fast = exact if n * n * exact.shape[1] < 2e8 or exact.device.type != "cpu" else features.to(torch.float32)
     gram = fast @ fast.T  # kept in float32 when W is: Lloyd's O(n^2) passes are memory-bound
-    norms = gram.diagonal()
-    pairwise = (norms[:, None] + norms[None, :] - 2.0 * gram).clamp_min_(0.0)
+    norms = gram.diagonal().clone()  # contiguous: broadcast along rows below
+    pairwise = (-2.0 * gram).add_(norms[:, None]).add_(norms[None, :]).clamp_min_(0.0)
     generator = torch.Generator().manual_seed(seed)
     starts = [p.to(features.device) for p in start_partitions]
     if restarts:
