@@ -5,8 +5,9 @@ compressed (timed), exported as the build ships it (BatchNorm fused, ONNX, shrun
 evaluated through ONNX Runtime CPU on all images, and timed at batch 1 and 16. "Budgeted" plans
 per-group widths for ``--target-macs`` from a label-free sensitivity survey on smooth noise (never
 the evaluation images; planning time is reported apart from compression time). "Uniform" is the
-paper's single ratio over every group with widths rounded to the same multiple of 8 the budget
-uses, chosen so its MACs match the budgeted fold's as closely as the width rule allows. Latency
+paper's single ratio over every group, each width rounded to the nearest multiple of 8 (the
+alignment the budget uses, so both are fast), the ratio chosen so its MACs match the budgeted
+fold's as closely as the rounding allows. Latency
 blocks alternate over all models for ``--trials`` rounds and the samples pool, so drift on a
 shared machine hits every model alike. Prints a markdown table and writes
 benchmarks/results/efficientnet_lite0.json.
@@ -27,7 +28,6 @@ import torch
 from foldship.compress import compress_model
 from foldship.compress.budget import MacModel, plan_budget
 from foldship.compress.groups import DependencyAdapter, output_layers
-from foldship.compress.widths import kept_width
 from foldship.data import load_images
 from foldship.exporters import ExportOptions, export_model
 from foldship.pipeline.build import load_from_config
@@ -42,13 +42,24 @@ VARIANTS = [("fold", "uniform", "none"), ("fold", "uniform", "fold-ar"), ("fold"
             ("fold", "budgeted", "fold-ar"), ("prune-l2", "uniform", "none"), ("prune-l2", "budgeted", "none")]
 
 
-def uniform_ratio(model, example, mac_fraction: float, round_to: int) -> float:
-    """The single ratio whose MAC fraction is closest to ``mac_fraction`` (paper width rule, widths
-    rounded down to multiples of ``round_to``; ties: the smaller ratio)."""
+def uniform_widths(views, ratio: float, align: int) -> dict[str, int]:
+    """The paper's single ratio, each group's width n (1 - r) rounded to the *nearest* multiple of
+    ``align`` (at least one multiple, at most n). Rounding down instead would take a whole block
+    of 8 from a 16-channel bottleneck at any ratio and make the uniform baseline a strawman."""
+    return {v.name: min(max(round(v.size * (1.0 - ratio) / align) * align, align), v.size) for v in views}
+
+
+def uniform_ratios(model, example, mac_fraction: float, align: int) -> tuple[float, dict[str, float]]:
+    """The single ratio whose aligned widths come closest to ``mac_fraction`` of the MACs (ties: the
+    smaller ratio), and the engine's per-group ratios that give exactly those widths."""
     views = list(DependencyAdapter(model, example, output_layers(model, example)).groups())
     macs = MacModel(model, example, views)
-    fraction = lambda r: macs.fraction({v.name: kept_width(v.size, r, round_to) / v.size for v in views})
-    return min((r / 1000 for r in range(1, 500)), key=lambda r: abs(fraction(r) - mac_fraction))
+    sizes = {v.name: v.size for v in views}
+    fraction = lambda r: macs.fraction({g: w / sizes[g] for g, w in uniform_widths(views, r, align).items()})
+    ratio = min((r / 1000 for r in range(1, 700)), key=lambda r: abs(fraction(r) - mac_fraction))
+    # int(n (1 - q)) with q = (n - w - 0.5) / n is exactly w (as BudgetPlan.group_ratios)
+    return ratio, {g: (sizes[g] - w - 0.5) / sizes[g] if w < sizes[g] else 0.0
+                   for g, w in uniform_widths(views, ratio, align).items()}
 
 
 def top_k(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
@@ -85,7 +96,7 @@ def main() -> None:
         results["baseline"] = {"macs": base_macs, "top1": top1, "top5": top5, "torch_top1": torch_top1}
         print(f"baseline: {top1}/{len(data)} top-1 (PyTorch {torch_top1}), {top5} top-5, {base_macs / 1e6:.1f} M MACs",
               flush=True)
-        plans, plan_seconds, ratio = {}, {}, None
+        plans, plan_seconds, ratio, uniform = {}, {}, None, None
 
         def planned(method: str):
             if method not in plans:  # one survey per method, shared by its variants
@@ -104,8 +115,8 @@ def main() -> None:
             else:
                 round_to = planned("fold").align
                 if ratio is None:  # matched once, to the budgeted fold's MACs, at the same alignment
-                    ratio = uniform_ratio(loaded.model, example, planned("fold").mac_fraction, round_to)
-                ratios = None
+                    ratio, uniform = uniform_ratios(loaded.model, example, planned("fold").mac_fraction, round_to)
+                ratios = uniform
             result = compress_model(loaded.model, example, method, ratio or 0.5, group_ratios=ratios,
                                     round_to=round_to, repair=repair)
             model = result.model.eval()
