@@ -28,6 +28,7 @@ import torch
 from foldship.compress import compress_model
 from foldship.compress.budget import MacModel, plan_budget
 from foldship.compress.groups import DependencyAdapter, output_layers
+from foldship.compress.widths import ratio_for_width
 from foldship.data import load_images
 from foldship.exporters import ExportOptions, export_model
 from foldship.pipeline.build import load_from_config
@@ -57,9 +58,7 @@ def uniform_ratios(model, example, mac_fraction: float, align: int) -> tuple[flo
     sizes = {v.name: v.size for v in views}
     fraction = lambda r: macs.fraction({g: w / sizes[g] for g, w in uniform_widths(views, r, align).items()})
     ratio = min((r / 1000 for r in range(1, 700)), key=lambda r: abs(fraction(r) - mac_fraction))
-    # int(n (1 - q)) with q = (n - w - 0.5) / n is exactly w (as BudgetPlan.group_ratios)
-    return ratio, {g: (sizes[g] - w - 0.5) / sizes[g] if w < sizes[g] else 0.0
-                   for g, w in uniform_widths(views, ratio, align).items()}
+    return ratio, {g: ratio_for_width(sizes[g], w) for g, w in uniform_widths(views, ratio, align).items()}
 
 
 def top_k(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:

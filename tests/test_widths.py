@@ -1,9 +1,9 @@
 """The width rule k = max(int(n(1-r)), 1): method.md section 2, exactly."""
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from foldship.compress.widths import check_ratio, kept_width
+from foldship.compress.widths import check_ratio, kept_width, ratio_for_width
 from foldship.errors import BadInput
 
 PAPER_TABLE = {
@@ -41,3 +41,11 @@ def test_width_bounds(n, r, m):
 def test_nonsense_ratio_refused(bad):
     with pytest.raises(BadInput, match="ratio"):
         check_ratio(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 5000), data=st.data())
+def test_ratio_for_width_gives_exactly_that_width(n, data):
+    width = data.draw(st.integers(1, n))
+    ratio = ratio_for_width(n, width)
+    assert kept_width(n, ratio) == width if width < n else ratio == 0.0

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..errors import BadInput
 from .groups import DependencyAdapter, GroupView, output_layers
+from .widths import ratio_for_width
 
 DEFAULT_ALIGN = 8
 PROBE_KEEPS = (0.75, 0.5, 0.25)  # each group is measured at these fractions of its width (aligned)
@@ -104,8 +105,7 @@ class BudgetPlan:
 
     def group_ratios(self) -> dict[str, float]:
         """Ratios that make the engine's width rule give exactly the planned widths."""
-        # int(n * (1 - r)) with r = (n - w - 0.5) / n is w + 0.5 floored: exact despite float rounding.
-        return {g.name: (g.size - g.width - 0.5) / g.size if g.width < g.size else 0.0 for g in self.groups}
+        return {g.name: ratio_for_width(g.size, g.width) for g in self.groups}
 
     @property
     def predicted_damage(self) -> float:
@@ -240,7 +240,7 @@ def _survey(model, example, method, align, group_policy, protected, probe, seed)
         damage = []
         for width in probe_widths(view.size, align):
             others = {v.name: 0.0 for v in views}  # a ratio of 0 keeps a group whole
-            ratio = (view.size - width - 0.5) / view.size  # the engine's width rule gives exactly ``width``
+            ratio = ratio_for_width(view.size, width)
             result = compress_model(model, example, method, 0.5, seed=seed, groups=group_policy,
                                     group_ratios=others | {view.name: ratio}, protected=protected_names,
                                     restarts=PROBE_RESTARTS, device="cpu")

@@ -29,3 +29,11 @@ def kept_width(n: int, ratio: float, round_to: int = 1) -> int:
     if round_to > 1 and n > round_to:
         k = max((k // round_to) * round_to, round_to)
     return min(k, n)
+
+
+def ratio_for_width(n: int, width: int) -> float:
+    """The ratio at which ``kept_width`` gives exactly ``width`` of ``n`` channels (0 keeps the group whole).
+
+    int(n * (1 - r)) with r = (n - width - 0.5) / n is width + 0.5 floored: exact despite float rounding.
+    """
+    return (n - width - 0.5) / n if width < n else 0.0
