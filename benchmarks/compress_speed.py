@@ -8,9 +8,10 @@ methods share. The issue's goal: fold at most 3x prune.
 
 Models: the CIFAR ResNet-18 of the papers (torchvision resnet18, 3x3 stem, no max-pool, 10
 classes, random weights), the real CIFAR-10 ResNet-56 checkpoint, torchvision vit_b_16 (random
-weights, attention rewritten so heads fold) and a LLaMA-60M-shaped decoder (random weights).
+weights, attention rewritten so heads fold), a LLaMA-60M-shaped decoder (random weights) and
+timm's efficientnet_lite0 (random weights; issue 8 allows it 5x).
 
-    .venv/bin/python benchmarks/compress_speed.py [--models resnet18-cifar resnet56 vit_b_16 llama-60m]
+    .venv/bin/python benchmarks/compress_speed.py [--models resnet18-cifar resnet56 vit_b_16 llama-60m efficientnet-lite0]
         [--ratios 0.5] [--repeats 1] [--device cpu] [--out benchmarks/results/compress_speed.json]
 """
 from __future__ import annotations
@@ -56,7 +57,16 @@ def llama_60m():
     return model, model.example_inputs(2)
 
 
-MODELS = {"resnet18-cifar": resnet18_cifar, "resnet56": resnet56, "vit_b_16": vit_b_16, "llama-60m": llama_60m}
+def efficientnet_lite0():
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False).eval()
+    return model, torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+MODELS = {"resnet18-cifar": resnet18_cifar, "resnet56": resnet56, "vit_b_16": vit_b_16, "llama-60m": llama_60m,
+          "efficientnet-lite0": efficientnet_lite0}
+GOALS = {"efficientnet-lite0": 5.0}  # fold / prune at most this (issue 8); every other model: 3 (issue 3)
 METHODS = ("prune-l2", "fold")
 
 
@@ -92,17 +102,18 @@ def main() -> None:
             rows.append({"model": name, "ratio": ratio, "params": params(model), "compressed_params": small_params,
                          "groups": len(groups), "groups_compressed": compressed, "trace_seconds": trace_seconds,
                          "fold_seconds": seconds["fold"], "prune_seconds": seconds["prune-l2"],
-                         "fold_median": fold, "prune_median": prune, "fold_over_prune": fold / prune})
+                         "fold_median": fold, "prune_median": prune, "fold_over_prune": fold / prune,
+                         "goal": GOALS.get(name, 3.0)})
             print(f"{name} r={ratio}: fold {fold:.2f} s, prune {prune:.2f} s ({fold / prune:.1f}x)", flush=True)
 
     print(f"\n### compression time, fold vs prune-l2 ({args.device}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats})\n")
-    print("| model | r | params | groups (compressed) | trace s | prune-l2 s | fold s | fold / prune | <= 3x |")
+    print("| model | r | params | groups (compressed) | trace s | prune-l2 s | fold s | fold / prune | goal met |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['ratio']} | {r['params']:,} -> {r['compressed_params']:,} | {r['groups']} "
               f"({r['groups_compressed']}) | {r['trace_seconds']:.2f} | {r['prune_median']:.2f} | "
-              f"{r['fold_median']:.2f} | {r['fold_over_prune']:.1f}x | {'yes' if r['fold_over_prune'] <= 3 else 'no'} |")
+              f"{r['fold_median']:.2f} | {r['fold_over_prune']:.1f}x | {'yes' if r['fold_over_prune'] <= r['goal'] else 'no'} (<= {r['goal']:g}x) |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "device": args.device, "threads": torch.get_num_threads(),

@@ -148,7 +148,7 @@ def test_latency_target_not_reached_is_refused(dead_half, monkeypatch):
     import importlib
 
     budget = importlib.import_module("foldship.compress.budget")
-    monkeypatch.setattr(budget, "_p50_ms", lambda path, example, threads: 10.0)  # no plan ever gets faster
+    monkeypatch.setattr(budget, "_latency_fraction", lambda *timed: 1.0)  # no plan ever gets faster
     model, example = dead_half
     with pytest.raises(BadInput, match="not reached in 6 rounds"):
         plan_budget(model, example, "prune-l2", target_latency=0.9)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from foldship.compress.engine import group_features, producer_scores, top_k
 from foldship.compress.groups import DependencyAdapter, output_layers
-from foldship.compress.kmeans import cluster, inertia, lloyd, special_partition
+from foldship.compress.kmeans import cluster, inertia, lloyd, special_partition, ward_partition
 
 
 @st.composite
@@ -59,6 +59,45 @@ def test_rank_distance_one_bound(case):
     assert seeded_inertia == pytest.approx(inertia(w, seeded, k + 1), rel=1e-9, abs=1e-9)
     best = cluster(w, k + 1, seed=seed, start_partitions=(special_partition(n, kept),))
     assert best.inertia <= err_prune + 1e-9
+
+
+def greedy_ward(w: torch.Tensor, k: int) -> list[frozenset]:
+    """Reference: merge the pair of clusters with the least inertia increase until k remain."""
+    clusters = [[i] for i in range(len(w))]
+    while len(clusters) > k:
+        def cost(a, b):
+            return inertia(w[a + b], torch.zeros(len(a) + len(b), dtype=torch.long), 1) - \
+                inertia(w[a], torch.zeros(len(a), dtype=torch.long), 1) - inertia(w[b], torch.zeros(len(b), dtype=torch.long), 1)
+        _, i, j = min((cost(a, b), i, j) for i, a in enumerate(clusters) for j, b in enumerate(clusters) if i < j)
+        clusters[i] = clusters[i] + clusters.pop(j)
+    return sorted(frozenset(c) for c in clusters)
+
+
+@settings(max_examples=40, deadline=None)
+@given(matrices())
+def test_ward_start_is_the_greedy_least_inertia_merge(case):
+    w, k, _ = case
+    gram = w @ w.T
+    pairwise = (gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).clamp_min(0)
+    labels = ward_partition(pairwise, k)
+    assert sorted(frozenset(torch.nonzero(labels == c).flatten().tolist()) for c in range(k)) == greedy_ward(w, k)
+
+
+def test_ward_start_finds_small_clusters_where_the_magnitude_start_keeps_one_large(resnet20):
+    """ResNet-20 at r=0.3 (k=44 of 64): from the magnitude partition Lloyd ends with 43 singletons
+    and one cluster of the 21 weakest channels; Ward's merges reach a lower inertia with small
+    clusters, and the clustering keeps it."""
+    from foldship.compress.engine import fold_labels
+
+    x = resnet20.example_inputs(2)
+    view = next(v for v in DependencyAdapter(resnet20.model, x, output_layers(resnet20.model, x)).groups()
+                if v.name == "layer3.0.conv1")
+    w, scores = group_features(view), producer_scores(view, 2)
+    start = special_partition(64, top_k(scores, 43))
+    from_magnitude, magnitude_inertia = lloyd(w @ w.T, start, 44)
+    labels, error = fold_labels(w, 44, scores, [], seed=0, restarts=4)
+    assert int(torch.bincount(from_magnitude).max()) >= 15 and int(torch.bincount(labels).max()) <= 8
+    assert error < 0.95 * magnitude_inertia
 
 
 def test_rank_distance_one_on_every_real_group(resnet56, zoo):

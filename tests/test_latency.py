@@ -64,6 +64,23 @@ def test_trials_alternate_models_and_pool_samples(resnet20, onnx_file):
     assert torch.get_num_threads() >= 1  # PyTorch's thread count is restored after the torch-cpu block
 
 
+def test_interleaved_rounds_time_every_model_once_each(resnet20, onnx_file, tmp_path):
+    from foldship.compress import compress_model
+    from foldship.validators.artifacts import OrtSettings
+    from foldship.validators.latency import time_interleaved
+
+    half = tmp_path / "half.onnx"
+    export_onnx(compress_model(resnet20.model, resnet20.example_inputs(2), "prune-l2", 0.5).model,
+                resnet20.example_inputs(2), half, "legacy")
+    protocol = LatencyProtocol(warmup=1, threads=1, clock="cpu")
+    stats = time_interleaved([onnx_file, onnx_artifact("half", half)], SHAPE, 2, protocol, rounds=5)
+    assert list(stats) == ["baseline", "half"]
+    assert all(s.runs == len(s.samples_ms) == 5 and s.batch == 2 and s.threads == 1 for s in stats.values())
+    assert all(0 < v < 10_000 for s in stats.values() for v in s.samples_ms)
+    with pytest.raises(ValueError, match="spinning off"):
+        time_interleaved([onnx_file], SHAPE, 1, protocol, rounds=1, ort=OrtSettings(spinning=True))
+
+
 def test_merged_stats_pool_samples():
     a = LatencyStats.from_samples([1.0, 2.0, 3.0], 1, 2, 10.0)
     b = LatencyStats.from_samples([4.0], 1, 2, 12.0)

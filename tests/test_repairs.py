@@ -61,18 +61,21 @@ def test_fold_ar_is_lossless_on_duplicated_channels(zoo, name):
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
-def test_fold_ar_beats_pruning_on_the_real_resnets(resnet20, resnet56, cifar_eval, ratio):
-    # Issue 3's accuracy check, seed 0: averaged over ResNet-20 and ResNet-56 with --groups inner,
-    # calibration-free fold + Fold-AR keeps at least 5 points more top-1 than prune-l2.
-    scores = {"fold": [], "prune-l2": []}
+def test_fold_beats_pruning_on_the_real_resnets(resnet20, resnet56, cifar_eval, ratio):
+    # Issue 3's accuracy checks, seed 0, top-1 averaged over ResNet-20 and ResNet-56 with --groups
+    # inner: calibration-free fold + Fold-AR keeps at least 5 points more than prune-l2, and plain
+    # fold is no worse than prune-l2 at r=0.3 (measured 73.9 vs 72.3; 27.8/56.0 vs 21.9/43.5 at 0.5).
+    variants = {"fold": dict(method="fold"), "fold-ar": dict(method="fold", repair="fold-ar"),
+                "prune-l2": dict(method="prune-l2")}
+    scores = {name: [] for name in variants}
     for loaded in (resnet20, resnet56):
         x = loaded.example_inputs(2)
-        scores["fold"].append(top1(compress(loaded.model, x, method="fold", ratio=ratio, groups="inner",
-                                            repair="fold-ar"), cifar_eval))
-        scores["prune-l2"].append(top1(compress(loaded.model, x, method="prune-l2", ratio=ratio, groups="inner"),
-                                       cifar_eval))
-    fold, prune = (sum(v) / 2 for v in (scores["fold"], scores["prune-l2"]))
-    assert fold >= prune + 5.0, scores
+        for name, options in variants.items():
+            scores[name].append(top1(compress(loaded.model, x, ratio=ratio, groups="inner", **options), cifar_eval))
+    fold, fold_ar, prune = (sum(scores[name]) / 2 for name in variants)
+    assert fold_ar >= prune + 5.0, scores
+    if ratio == 0.3:
+        assert fold >= prune, scores
 
 
 def test_bn_recalibration_touches_only_running_statistics(resnet20, cifar_eval):

@@ -23,7 +23,7 @@ from .conftest import ROOT, RESNET20, cli_command
 FAST = {"limit": 200, "batches": [1], "latency_min_seconds": 0.02, "latency_min_runs": 5, "latency_warmup": 2,
         "exporter": "legacy", "shrinker": "none", "backends": ["onnxruntime-cpu"], "threads": 1,
         "checkpoint": [f"cifar_resnet20={RESNET20}"], "method": ["fold", "prune-l1"], "ratio": [0.3, 0.5],
-        "repair": ["none"], "max_accuracy_drop": 0.8, "workers": 2}
+        "repair": ["none"], "max_accuracy_drop": 0.75, "workers": 2}
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ PROBE_RESTARTS = 1  # k-means restarts when folding a single group for the surve
 LATENCY_ROUNDS = 6
 MAX_STEP = 0.15  # largest relative cut of the MAC goal per latency round
 LATENCY_BATCH = 16
+TIMING_ROUNDS = 20  # alternate runs of candidate and baseline per latency round
 
 
 def check_targets(target_macs: float | None, target_latency: float | None, group_ratios: dict | None) -> None:
@@ -335,8 +336,8 @@ def plan_for_latency(model: nn.Module, example, target_latency: float, method: s
             plan = BudgetPlan("latency", target_latency, align, groups, reached, _probe_name(probe))
             candidate = _export(_planned_architecture(model, example, plan, protected), example,
                                 Path(folder) / "candidate.onnx")
-            # Baseline timed again beside each candidate: on a shared machine the load drifts between rounds.
-            measured = _p50_ms(candidate, example, threads) / _p50_ms(baseline, example, threads)
+            # Baseline timed again beside each candidate: on a shared machine the load drifts.
+            measured = _latency_fraction(candidate, baseline, example, threads)
             rounds.append({"mac_target": round(mac_goal, 4), "mac_fraction": round(reached, 4),
                            "latency_fraction": round(measured, 4)})
             if measured <= target_latency:
@@ -375,11 +376,13 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def _p50_ms(path: Path, example: torch.Tensor, threads: int) -> float:
-    """Median ms of one batch of 16 on ONNX Runtime CPU."""
+def _latency_fraction(candidate: Path, baseline: Path, example: torch.Tensor, threads: int) -> float:
+    """The candidate's median latency over the baseline's, one batch of 16 on ONNX Runtime CPU, the
+    two run alternately so load drifting on a shared machine hits both alike."""
     from ..validators.artifacts import onnx_artifact
-    from ..validators.latency import LatencyProtocol, time_artifact
+    from ..validators.latency import LatencyProtocol, time_interleaved
 
-    protocol = LatencyProtocol(warmup=3, min_runs=10, min_seconds=1.0, max_runs=200, threads=threads)
-    return time_artifact(onnx_artifact(path.stem, path), "onnxruntime-cpu", tuple(example.shape[1:]),
-                         LATENCY_BATCH, protocol).p50_ms
+    protocol = LatencyProtocol(warmup=3, threads=threads, clock="cpu" if threads == 1 else "wall")
+    stats = time_interleaved([onnx_artifact("candidate", candidate), onnx_artifact("baseline", baseline)],
+                             tuple(example.shape[1:]), LATENCY_BATCH, protocol, TIMING_ROUNDS)
+    return stats["candidate"].p50_ms / stats["baseline"].p50_ms

@@ -1,8 +1,10 @@
 """Latency with a stated protocol: warm-up, each model in its own block, minimum runs and time.
 
-Models are never interleaved run by run: on a 2-core machine an idle ORT pool spinning beside
-another session distorts both (ecosystem.md section 6). Threads are fixed and recorded. Each
-measurement keeps its raw samples (for the latency plot) and the peak memory it added.
+Validation times each model in its own block: on a 2-core machine an idle ORT pool spinning beside
+another session distorts both (ecosystem.md section 6). ``time_interleaved`` alternates ONNX files
+run by run instead, with spinning off, to compare close latencies under drifting load. Threads are
+fixed and recorded. Each measurement keeps its raw samples (for the latency plot) and the peak
+memory it added.
 
 Backends: ONNX Runtime CPU and CUDA (I/O bound on the GPU), PyTorch CPU and CUDA (CUDA events,
 optionally one CUDA graph replayed per run), TensorRT engines (through Polygraphy's TrtRunner,
@@ -16,7 +18,7 @@ import gc
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -113,13 +115,17 @@ def host_peak_memory():
         result["mb"] = round(max(peak - start, 0) / 1024, 2)
 
 
+def _clock(protocol: LatencyProtocol) -> Callable[[], float]:
+    return time.thread_time if protocol.clock == "cpu" else time.perf_counter
+
+
 def _measure(run: Callable[[], float | None], protocol: LatencyProtocol) -> list[float]:
     """Warm up, then time ``run`` until both the minimum count and the minimum duration are met.
 
     ``run`` returns its own duration in ms when it measures on the device (CUDA events), else None
     and the host clock is used.
     """
-    clock = time.thread_time if protocol.clock == "cpu" else time.perf_counter
+    clock = _clock(protocol)
     for _ in range(protocol.warmup):
         run()
     samples: list[float] = []
@@ -163,6 +169,32 @@ def time_artifact(artifact: Artifact, backend: str, input_shape: tuple[int, ...]
         else:
             raise ValueError(f"unknown backend {backend!r}")
     return LatencyStats.from_samples(samples, batch, threads, peak())
+
+
+def time_interleaved(artifacts: Sequence[Artifact], input_shape: tuple[int, ...], batch: int,
+                     protocol: LatencyProtocol, rounds: int, ort: OrtSettings = OrtSettings()) -> dict[str, LatencyStats]:
+    """Time ONNX files on ONNX Runtime CPU run by run: each round runs every model once, the order
+    rotating, so drift on a shared machine (other load, clock, cache) hits every model alike.
+
+    For telling apart close latencies (a 0.85x-MAC model and its baseline), where the drift between
+    one model's block and the next exceeds the difference. Needs idle pools to sleep between runs
+    (``ort.spinning`` off), or a waiting session's spinning threads would slow the running one.
+    """
+    if ort.spinning:
+        raise ValueError("interleaved timing needs ONNX Runtime spinning off")
+    threads = protocol.resolved_threads()
+    runs = {a.name: _onnx_runner(a.path, "onnxruntime-cpu", input_shape, batch, threads, ort) for a in artifacts}
+    names, clock = list(runs), _clock(protocol)
+    for run in runs.values():
+        for _ in range(protocol.warmup):
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = clock()
+            runs[name]()
+            samples[name].append((clock() - t0) * 1e3)
+    return {name: LatencyStats.from_samples(samples[name], batch, threads) for name in names}
 
 
 def _onnx_runner(path: str, backend: str, input_shape, batch: int, threads: int, ort_settings: OrtSettings):
