@@ -7,10 +7,10 @@ per-group widths for ``--target-macs`` from a label-free sensitivity survey on s
 the evaluation images; planning time is reported apart from compression time). "Uniform" is the
 paper's single ratio over every group, each width rounded to the nearest multiple of 8 (the
 alignment the budget uses, so both are fast), the ratio chosen so its MACs match the budgeted
-fold's as closely as the rounding allows. Latency is
-measured under two protocols (PROTOCOLS: one thread on its CPU clock, all cores on the wall
-clock), run by run over all models for ``--rounds`` rounds, the order rotating each round, so
-drift on a shared machine hits every model alike (``time_interleaved``). Prints a markdown table and writes
+fold's as closely as the rounding allows. Latency is measured under two protocols (PROTOCOLS:
+one thread on its CPU clock, all cores on the wall clock), run by run over all models for
+``--rounds`` rounds, the order rotating each round, so drift on a shared machine hits every
+model alike (``time_interleaved``). Prints a markdown table and writes
 benchmarks/results/efficientnet_lite0.json.
 
     .venv/bin/python benchmarks/efficientnet_lite0.py [--target-macs 0.85] [--rounds 60]
@@ -175,6 +175,7 @@ def print_table(results: dict) -> None:
               f"{100 * v['top5'] / n:.1f}% | {ms(v)} | {speed(steady)} | {speed(wall)} | {v['compress_seconds']:.1f} s"
               + (f" (+ {v['plan_seconds']:.0f} s) |" if v.get("plan_seconds") else " |"))
     print(f"\nfolding took {results['fold_over_prune_seconds']:.1f}x as long as pruning (mean compress seconds)")
+
 
 if __name__ == "__main__":
     main()
