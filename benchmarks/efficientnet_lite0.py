@@ -13,7 +13,7 @@ one thread on its CPU clock, all cores on the wall clock), run by run over all m
 model alike (``time_interleaved``). Prints a markdown table and writes
 benchmarks/results/efficientnet_lite0.json.
 
-    .venv/bin/python benchmarks/efficientnet_lite0.py [--target-macs 0.85] [--rounds 60]
+    .venv/bin/python benchmarks/efficientnet_lite0.py [--target-macs 0.80] [--rounds 60]
 """
 from __future__ import annotations
 
@@ -80,20 +80,21 @@ def runner_topk(artifact, images: torch.Tensor, labels: np.ndarray) -> tuple[int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target-macs", type=float, default=0.85)
+    parser.add_argument("--target-macs", type=float, default=None, help="default: the example config's target_macs")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N images (smoke runs)")
     parser.add_argument("--rounds", type=int, default=60, help="latency rounds (every model runs once a round)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "efficientnet_lite0.json")
     args = parser.parse_args()
 
     config = load_config(CONFIG, data=str(SHARED_DATA / "imagenet_sample"))
+    target_macs = config.target_macs if args.target_macs is None else args.target_macs
     loaded = load_from_config(config)
     data = load_images(config.data, loaded.preprocessing, args.limit, loaded.num_classes, input_shape=loaded.input_shape)
     labels = data.y.numpy()
     example = loaded.example_inputs(2)
     base_macs = count_macs(loaded.model, example)
     options = ExportOptions()
-    results = {"target_macs": args.target_macs, "images": len(data), "variants": []}
+    results = {"target_macs": target_macs, "images": len(data), "variants": []}
     with tempfile.TemporaryDirectory(prefix="lite0-bench-") as folder:
         folder = Path(folder)
         base = export_model(loaded.model, example, folder, "baseline", options, data.x)
@@ -107,7 +108,7 @@ def main() -> None:
         def planned(method: str):
             if method not in plans:  # one survey per method, shared by its variants
                 start = time.perf_counter()
-                plans[method] = plan_budget(loaded.model, example, method, target_macs=args.target_macs)
+                plans[method] = plan_budget(loaded.model, example, method, target_macs=target_macs)
                 plan_seconds[method] = round(time.perf_counter() - start, 1)
                 print(f"{method} plan: {plans[method].mac_fraction:.3f}x MACs in {plan_seconds[method]} s", flush=True)
             return plans[method]

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from foldship.compress.engine import group_features, producer_scores, top_k
 from foldship.compress.groups import DependencyAdapter, output_layers
-from foldship.compress.kmeans import cluster, inertia, lloyd, special_partition, ward_partition
+from foldship.compress.kmeans import cluster, inertia, kmeans_plus_plus, lloyd, special_partition, ward_partition
 
 
 @st.composite
@@ -83,6 +83,39 @@ def test_ward_start_is_the_greedy_least_inertia_merge(case):
     assert sorted(frozenset(torch.nonzero(labels == c).flatten().tolist()) for c in range(k)) == greedy_ward(w, k)
 
 
+def squared_distances(w: torch.Tensor) -> torch.Tensor:
+    gram = w @ w.T
+    return (gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).clamp_min(0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 120), st.integers(0, 10_000), st.floats(0.0, 1.0))
+def test_kmeans_plus_plus_seeds_distinct_rows_in_one_round_or_many(n, seed, fraction):
+    """D^2 sampling never redraws a seed while unseeded rows remain, in single draws (k <= 32)
+    and in chunked rounds alike: on distinct rows every one of the k clusters is non-empty. Same
+    seed, same partitions."""
+    w = torch.randn(n, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    k = max(1, round(fraction * n))
+    pairwise = squared_distances(w)
+    runs = kmeans_plus_plus(pairwise, k, torch.Generator().manual_seed(seed), runs=2)
+    for labels in runs:
+        assert labels.shape == (n,) and int(labels.max()) == k - 1
+        assert int(torch.bincount(labels, minlength=k).min()) >= 1
+    again = kmeans_plus_plus(pairwise, k, torch.Generator().manual_seed(seed), runs=2)
+    assert all(torch.equal(a, b) for a, b in zip(runs, again))
+
+
+def test_kmeans_plus_plus_finds_well_separated_blobs():
+    """Textbook k-means++ (k <= 32 seeds, one per draw) puts one seed in each far-apart blob."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.arange(8, dtype=torch.float64)[:, None] * 1e3 * torch.ones(1, 4, dtype=torch.float64)
+    w = (centres.repeat_interleave(10, 0) + torch.randn(80, 4, generator=generator, dtype=torch.float64))
+    w = w[torch.randperm(80, generator=generator)]
+    blobs = (w[:, 0] / 1e3).round().long()
+    for labels in kmeans_plus_plus(squared_distances(w), 8, torch.Generator().manual_seed(1), runs=4):
+        assert len({(int(a), int(b)) for a, b in zip(labels, blobs)}) == 8  # a bijection of clusters and blobs
+
+
 def test_ward_start_finds_small_clusters_where_the_magnitude_start_keeps_one_large(resnet20):
     """ResNet-20 at r=0.3 (k=44 of 64): from the magnitude partition Lloyd ends with 43 singletons
     and one cluster of the 21 weakest channels; Ward's merges reach a lower inertia with small
@@ -122,12 +155,12 @@ def test_rank_distance_one_on_every_real_group(resnet56, zoo):
 
 
 def test_wide_clusterings_seed_in_chunks_and_keep_every_guarantee():
-    """k beyond SEEDING_STEPS (a transformer MLP folded to half) seeds in chunks, in float32 Gram
+    """k beyond SEEDING_ROUNDS (a transformer MLP folded to half) seeds in chunks, in float32 Gram
     form: still k non-empty clusters, deterministic, never worse than its magnitude-pruning start."""
-    from foldship.compress.kmeans import SEEDING_STEPS, _chunk_sizes
+    from foldship.compress.kmeans import SEEDING_ROUNDS, _chunk_sizes
 
-    assert _chunk_sizes(399, SEEDING_STEPS) == [2] * 143 + [1] * 113
-    assert _chunk_sizes(10, SEEDING_STEPS) == [1] * 10
+    assert _chunk_sizes(399, SEEDING_ROUNDS) == [13] * 15 + [12] * 17
+    assert _chunk_sizes(10, SEEDING_ROUNDS) == [1] * 10
     n, k = 600, 400
     w = torch.randn(n, 700, generator=torch.Generator().manual_seed(3))  # n * n * d > 2e8: float32 Gram
     kept = top_k(w.norm(dim=1), k - 1)

@@ -89,8 +89,8 @@ def producer_scores(view: GroupView, p: int) -> torch.Tensor:
 
 def top_k(scores: torch.Tensor, k: int) -> list[int]:
     """Indices of the k largest scores (ties: lower index first), sorted."""
-    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
-    return sorted(order[:k])
+    order = torch.argsort(-scores.detach().cpu(), stable=True)  # stable: equal scores keep index order
+    return sorted(order[:k].tolist())
 
 
 def _gather(tensor: torch.Tensor, dim: int, table: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,8 @@ def _gather(tensor: torch.Tensor, dim: int, table: torch.Tensor) -> torch.Tensor
 
 def representatives(labels: torch.Tensor) -> list[int]:
     """The first member of each cluster, in cluster order."""
-    return [int(torch.nonzero(labels == c)[0]) for c in range(int(labels.max()) + 1)]
+    first = torch.full((int(labels.max()) + 1,), len(labels), dtype=torch.long)
+    return first.scatter_reduce_(0, labels.cpu(), torch.arange(len(labels)), reduce="amin").tolist()
 
 
 def merge_clusters(view: GroupView, labels: torch.Tensor) -> list[int]:

@@ -1,6 +1,6 @@
 """Seeded k-means in torch (CPU or GPU) for channel folding.
 
-Reference-first: plain Lloyd iterations with greedy k-means++ restarts, plus runs started from
+Reference-first: plain Lloyd iterations with k-means++ restarts, plus runs started from
 given partitions (the magnitude-pruning partition) and from Ward's agglomerative clustering,
 keeping the lowest inertia. Lloyd steps never raise inertia and the start partitions themselves
 are candidates, so the result is never worse than any start: this is what makes fold(k+1) <=
@@ -13,20 +13,18 @@ row in one cluster; merging the closest pairs first reaches a lower inertia with
 
 Lloyd runs on the Gram matrix G = W W^T ("kernel" form): distances of rows to cluster means need
 only inner products, so a step costs O(n^2) whatever the feature width d (a 512-channel group
-of a ResNet-18 has d ~ 15,000 features). Candidates are ranked by their inertia read off G; the
-start partitions and their refinements are re-scored exactly on W against the best, so rounding
-in a float32 Gram matrix can never cost the bound.
+of a ResNet-18 has d ~ 15,000 features). Candidates are ranked by their inertia read off G; when
+G is float32, the winner and the given start partitions are re-scored exactly on W, so rounding
+can never cost the bound.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.cluster.hierarchy import linkage
-from scipy.spatial.distance import squareform
 
 
 @dataclass
@@ -90,21 +88,6 @@ def _fill_empty(gram: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tenso
     return labels
 
 
-def _single_threaded(loop):
-    """Run ``loop`` with one intra-op thread: it makes thousands of small sequential tensor ops, for which
-    thread hand-offs cost more than they save (k-means++ at k = 1036 of 1152 rows: 0.9 s on one
-    thread, 42 s on two threads of a busy 2-core machine)."""
-    @functools.wraps(loop)
-    def wrapper(*args, **kwargs):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return loop(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-    return wrapper
-
-
 def lloyd(gram: torch.Tensor, labels: torch.Tensor, k: int, max_iter: int = 50,
           tol: float = 1e-4) -> tuple[torch.Tensor, float]:
     """Lloyd iterations (kernel form) from a starting partition; inertia never increases.
@@ -133,9 +116,9 @@ def lloyd(gram: torch.Tensor, labels: torch.Tensor, k: int, max_iter: int = 50,
     return labels, gram_inertia(gram, labels, k)
 
 
-# Greedy k-means++ adds one seed per step up to this many steps; wider clusterings (a transformer MLP
-# folded to k = 1536) add their seeds in equal chunks instead, so seeding stays a few hundred steps.
-SEEDING_STEPS = 256
+# k-means++ draws one seed per round up to this many seeds; more seeds (a transformer MLP folded to
+# k = 1536) are drawn in this many rounds of equal chunks, so seeding stays a few dozen array passes.
+SEEDING_ROUNDS = 32
 
 
 def _chunk_sizes(total: int, steps: int) -> list[int]:
@@ -145,39 +128,33 @@ def _chunk_sizes(total: int, steps: int) -> list[int]:
     return [base + 1] * extra + [base] * (count - extra)
 
 
-@_single_threaded
 def kmeans_plus_plus(pairwise: torch.Tensor, k: int, generator: torch.Generator, runs: int = 1) -> list[torch.Tensor]:
-    """``runs`` greedy k-means++ seedings (2 + ln k candidates per step, keep the best), as nearest-seed partitions.
+    """``runs`` k-means++ seedings (D^2 sampling), as nearest-seed partitions.
 
-    Up to ``SEEDING_STEPS`` seeds this is textbook greedy k-means++. Beyond, each step draws a
-    chunk of seeds at once (each candidate is a set of rows drawn by D^2 sampling; keep the set
-    that lowers the potential most), with about as many candidate rows per step as a single-seed
-    step has (at least 2 sets). The runs advance in lockstep so each step is a few batched tensor
-    operations.
+    Up to ``SEEDING_ROUNDS`` seeds this is textbook k-means++: each seed is drawn with probability
+    proportional to a row's squared distance to its nearest seed so far. Beyond, each round draws a
+    chunk of seeds at once by D^2 sampling without replacement (Gumbel top-k), as k-means|| does:
+    folding keeps half the channels or more, and a sequential step per seed cost more than the
+    Lloyd runs after it. The runs advance in lockstep, in NumPy (small arrays: no per-op dispatch).
     """
     n = pairwise.shape[0]
-    trials = 2 + int(math.log(k)) if k > 1 else 1
-    first = torch.randint(n, (runs,), generator=generator).to(pairwise.device)
-    closest = pairwise[first]  # (runs, n): each row's distance to its nearest seed so far
-    seeds = [first[:, None]]
-    rows = torch.arange(runs, device=pairwise.device)
-    for chunk in _chunk_sizes(k - 1, SEEDING_STEPS):
-        sets = max(2, -(-trials // chunk)) if chunk > 1 else trials
-        total = closest.sum(1, keepdim=True)
-        # Where every row is already a seed (fewer distinct rows than k), fall back to uniform picks.
-        probs = torch.where(total > 0, closest / total.clamp_min(1e-300), torch.full_like(closest, 1.0 / n))
-        candidates = torch.multinomial(probs.cpu().float(), sets * chunk, replacement=True, generator=generator)
-        candidates = candidates.to(pairwise.device).view(runs, sets, chunk)
-        gathered = pairwise[candidates]  # (runs, sets, chunk, n)
-        candidate_closest = torch.minimum(closest[:, None, :], gathered[:, :, 0])
-        for member in range(1, chunk):  # a loop over the few members: a min over a middle dim is far slower
-            candidate_closest = torch.minimum(candidate_closest, gathered[:, :, member])
-        best = torch.argmin(candidate_closest.sum(2), dim=1)
-        seeds.append(candidates[rows, best])
-        closest = candidate_closest[rows, best]
-    chosen = torch.cat(seeds, 1)  # (runs, k) in the order drawn
-    # Each row joins its nearest seed; argmin takes the first on ties, i.e. the earliest seed drawn.
-    return [pairwise.index_select(1, run).argmin(1) for run in chosen.unbind(0)]
+    distances = pairwise.detach().cpu().numpy()
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+    closest = distances[rng.integers(n, size=runs)]  # (runs, n): each row's distance to its nearest seed so far
+    nearest = np.zeros((runs, n), dtype=np.int64)  # which seed that is, in draw order
+    closer = np.empty((runs, n), dtype=bool)
+    drawn = 1
+    for chunk in _chunk_sizes(k - 1, SEEDING_ROUNDS):
+        with np.errstate(divide="ignore"):  # rows already seeds have D^2 = 0: key -inf, drawn last
+            keys = np.log(closest) - np.log(-np.log(rng.random((runs, n))))
+        picks = np.sort(np.argpartition(-keys, chunk - 1, axis=1)[:, :chunk], axis=1)
+        rows = distances[picks]  # (runs, chunk, n)
+        for member in range(chunk):  # strict: a row stays with the earlier seed on ties
+            np.less(rows[:, member], closest, out=closer)
+            np.copyto(closest, rows[:, member], where=closer)
+            np.copyto(nearest, drawn + member, where=closer)
+        drawn += chunk
+    return [torch.from_numpy(labels).to(pairwise.device) for labels in nearest]
 
 
 # Ward's O(n^2) chain costs little up to this width (tens of ms at 1,376 rows); at 3,072 (a ViT-B
@@ -194,9 +171,11 @@ def ward_partition(pairwise: torch.Tensor, k: int) -> torch.Tensor:
     merge heights never decrease.
     """
     n = pairwise.shape[0]
-    distances = pairwise.detach().sqrt().to("cpu", torch.float64).numpy()
-    # The upper triangle, as SciPy's condensed form (a float32 Gram can leave the triangles unequal).
-    merges = linkage(squareform(distances, checks=False), method="ward")[: n - k, :2].astype(np.int64)
+    squared = pairwise.detach().to("cpu", torch.float64).numpy()
+    # The upper triangle, row by row, as SciPy's condensed form (a float32 Gram can leave the
+    # triangles unequal); square roots on that half only.
+    condensed = np.sqrt(np.concatenate([squared[i, i + 1:] for i in range(n - 1)]))
+    merges = linkage(condensed, method="ward")[: n - k, :2].astype(np.int64)
     parent = np.arange(2 * n - 1)
     for step, (a, b) in enumerate(merges):
         parent[a] = parent[b] = n + step
@@ -209,11 +188,14 @@ def ward_partition(pairwise: torch.Tensor, k: int) -> torch.Tensor:
     return canonical_labels(torch.from_numpy(roots))
 
 
+def _has_k_clusters(labels: torch.Tensor, k: int) -> bool:
+    return int(labels.max()) + 1 == k and len(torch.unique(labels)) == k
+
+
 def special_partition(n: int, kept: list[int]) -> torch.Tensor:
     """Kept rows as singletons, every other row in one extra cluster (len(kept) + 1 clusters)."""
     labels = torch.full((n,), len(kept), dtype=torch.long)
-    for cluster, row in enumerate(sorted(kept)):
-        labels[row] = cluster
+    labels[sorted(kept)] = torch.arange(len(kept))
     return labels
 
 
@@ -225,17 +207,18 @@ def cluster(
     start_partitions: tuple[torch.Tensor, ...] = (),
     max_iter: int = 50,
 ) -> Clustering:
-    """Lowest-inertia result over greedy k-means++ restarts, Ward's clustering and the given start partitions.
+    """Lowest-inertia result over k-means++ restarts, Ward's clustering and the given start partitions.
 
     Each start is refined by Lloyd; the refined runs and the unrefined deterministic starts are
-    ranked by exact float64 inertia on ``features``. Labels are canonical (clusters numbered by
+    ranked by inertia, and the one returned is never worse, exactly on ``features``, than any
+    given start partition. Labels are canonical (clusters numbered by
     first member), so equal inputs and seed give equal labels.
     """
     n = features.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be in [1, {n}]")
     exact = features.to(torch.float64)
-    # float32 Gram for wide groups: ranking below uses exact inertia, so rounding cannot cost the bound
+    # float32 Gram for wide groups: the bound is settled in float64 below, so rounding cannot cost it
     fast = exact if n * n * exact.shape[1] < 2e8 or exact.device.type != "cpu" else features.to(torch.float32)
     gram = fast @ fast.T  # kept in float32 when W is: Lloyd's O(n^2) passes are memory-bound
     norms = gram.diagonal().clone()  # contiguous: broadcast along rows below
@@ -244,22 +227,25 @@ def cluster(
     starts = [p.to(features.device) for p in start_partitions]
     if k < n <= WARD_MAX_ROWS:
         starts.append(ward_partition(pairwise, k).to(features.device))
-    fixed = len(starts)  # the deterministic starts: scored exactly, before and after Lloyd
+    fixed = len(starts)  # the deterministic starts: candidates before and after Lloyd
     if restarts:
         starts += kmeans_plus_plus(pairwise, k, generator, restarts)
-    seeded = [p for p in starts[:fixed] if int(p.max()) + 1 == k and len(torch.unique(p)) == k]
-    seeded += [lloyd(gram, start, k, max_iter)[0] for start in starts[:fixed]]
+    # Candidates: the deterministic starts as given (the bound is stated for the caller's), each
+    # refined by Lloyd, and the best k-means++ restart.
+    given = [p for p in starts[:len(start_partitions)] if _has_k_clusters(p, k)]
+    raw = given + [p for p in starts[len(start_partitions):fixed] if _has_k_clusters(p, k)]
+    refined = [lloyd(gram, start, k, max_iter)[0] for start in starts[:fixed]]
     restarted = [lloyd(gram, start, k, max_iter) for start in starts[fixed:]]
-    best = min(restarted, key=lambda run: run[1])[0] if restarted else None
-    # Exact scores for the seeded candidates and the best restart: the bound is decided on W itself
-    # (read off G when G was computed in float64, else recomputed on W).
-    finalists = seeded + ([best] if best is not None else [])
-    if fast is exact:
-        scored = [(gram_inertia(gram, labels, k), i) for i, labels in enumerate(finalists)]
+    best = [min(restarted, key=lambda run: run[1])[0]] if restarted else []
+    finalists = raw + refined + best
+    if fast is exact:  # a float64 Gram gives exact inertias
+        best_inertia, index = min((gram_inertia(gram, labels, k), i) for i, labels in enumerate(finalists))
     else:
+        # Ranked on the float32 Gram; the winner and the given starts are then scored exactly on W,
+        # so rounding can never cost the bound (method.md 5).
+        winner = min(range(len(finalists)), key=lambda i: (gram_inertia(gram, finalists[i], k), i))
         total = float((exact * exact).sum())
-        scored = [(inertia(exact, labels, k, total), i) for i, labels in enumerate(finalists)]
-    best_inertia, index = min(scored)
+        best_inertia, index = min((inertia(exact, finalists[i], k, total), i) for i in {winner, *range(len(given))})
     return Clustering(canonical_labels(finalists[index].cpu()), best_inertia)
 
 
