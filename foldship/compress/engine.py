@@ -19,7 +19,7 @@ from ..errors import BadInput
 from ..models.cifar_resnet import PadShortcut
 from .groups import DependencyAdapter, GroupView, apply_rewrites, output_layers
 from .kmeans import cluster, inertia, special_partition
-from .repairs import REPAIRS, normalise_producers, recalibrate_bn, scale_gammas, variance_factors
+from .repairs import REPAIRS, Statistics, bn_statistics, normalise_producers, recalibrate_bn, scale_gammas, variance_factors
 from .slices import MEAN, UnsupportedItem, item_slices
 from .widths import check_ratio, kept_width
 
@@ -105,11 +105,22 @@ def representatives(labels: torch.Tensor) -> list[int]:
     return first.scatter_reduce_(0, labels.cpu(), torch.arange(len(labels)), reduce="amin").tolist()
 
 
+def _merge_rows(tensor: torch.Tensor, dim: int, table: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
+                reps: list[int], mean: bool) -> None:
+    """Write each cluster's sum (or mean) of its members' slices of ``tensor`` into its representative's slice."""
+    rows = _gather(tensor, dim, table)
+    merged = torch.zeros(len(reps), rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(
+        0, labels.to(rows.device), rows)  # cluster sums: O(n d), not a dense (k x n) product
+    if mean:
+        merged /= counts.to(rows.device)[:, None]
+    moved = tensor.movedim(dim, 0)
+    target = table[reps].flatten().to(tensor.device)
+    moved[target] = merged.reshape(len(target), *moved.shape[1:]).to(tensor.dtype)
+
+
 def merge_clusters(view: GroupView, labels: torch.Tensor) -> list[int]:
     """Textbook merge into each cluster's first member; returns the channels to remove."""
-    k = int(labels.max()) + 1
-    n = len(labels)
-    counts = torch.bincount(labels, minlength=k).to(torch.float64)
+    counts = torch.bincount(labels).to(torch.float64)
     reps = representatives(labels)
     rep_of = torch.tensor(reps)[labels]
     for item in view.weighted_items:
@@ -118,15 +129,23 @@ def merge_clusters(view: GroupView, labels: torch.Tensor) -> list[int]:
                 _reroute_shortcut(item.module, item.table, rep_of)
             continue
         for s in item_slices(item):
-            rows = _gather(s.tensor, s.dim, item.table)
-            merged = torch.zeros(k, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(
-                0, labels.to(rows.device), rows)  # cluster sums: O(n d), not a dense (k x n) product
-            if s.merge == MEAN:
-                merged /= counts.to(rows.device)[:, None]
-            moved = s.tensor.movedim(s.dim, 0)
-            target = item.table[reps].flatten().to(s.tensor.device)
-            moved[target] = merged.reshape(len(target), *moved.shape[1:]).to(s.tensor.dtype)
-    return sorted(set(range(n)) - set(reps))
+            _merge_rows(s.tensor, s.dim, item.table, labels, counts, reps, s.merge == MEAN)
+    return sorted(set(range(len(labels))) - set(reps))
+
+
+def carry_statistics(view: GroupView, statistics: Statistics, labels: torch.Tensor | None, drop: list[int]) -> None:
+    """Apply one group's edit to per-channel BN statistics held outside the model (``bn_statistics``):
+    fold's cluster means at each representative (``labels``; None when pruning), then the removal of ``drop``."""
+    counts = torch.bincount(labels).to(torch.float64) if labels is not None else None
+    reps = representatives(labels) if labels is not None else None
+    for module, table in {item.module: item.table for item in view.weighted_items if item.module in statistics}.items():
+        vectors = [v.clone() for v in statistics[module]]
+        if labels is not None:
+            for v in vectors:
+                _merge_rows(v, 0, table, labels, counts, reps, mean=True)
+        removed = set(table[drop].flatten().tolist())
+        keep = torch.tensor([i for i in range(len(vectors[0])) if i not in removed], dtype=torch.long)
+        statistics[module] = tuple(v[keep.to(v.device)] for v in vectors)
 
 
 def _reroute_shortcut(shortcut: PadShortcut, table: torch.Tensor, rep_of: torch.Tensor) -> None:
@@ -240,23 +259,25 @@ def compress_model(
         protected_modules = [names[p] for p in protected]
     adapter = DependencyAdapter(work, example_inputs, protected_modules)
     result = CompressionResult(work, method, ratio, seed, groups, repair)
+    # bn-recalibrate: the uncompressed model's statistics on the calibration images, carried through every edit
+    statistics = bn_statistics(work, calibration) if repair == "bn-recalibrate" else None
     with torch.no_grad():
         for view in adapter.groups():
             result.groups.append(_compress_group(view, method, ratios.get(view.name, ratio), groups, seed, restarts,
-                                                 round_to, repair == "fold-ar"))
+                                                 round_to, repair == "fold-ar", statistics))
             if progress:
                 progress(1)
     unknown = set(ratios) - {g.name for g in result.groups}
     if unknown:
         raise BadInput(f"group ratio(s) for unknown group(s) {', '.join(sorted(unknown))}; see `foldship inspect` for group names")
     if repair == "bn-recalibrate":
-        recalibrate_bn(work, calibration)
+        recalibrate_bn(work, calibration, reference=statistics)
     result.seconds = time.perf_counter() - start
     return result
 
 
 def _compress_group(view: GroupView, method: str, ratio: float, policy: str, seed: int,
-                    restarts: int, round_to: int, fold_ar: bool) -> GroupRecord:
+                    restarts: int, round_to: int, fold_ar: bool, statistics: Statistics | None) -> GroupRecord:
     n = view.size
     record = GroupRecord(view.name, view.kind, n, n, "kept")
     if policy == "inner" and view.kind == "stream":
@@ -279,6 +300,7 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
     p = 1 if method == "prune-l1" else 2
     scores = producer_scores(view, p)
     total = float((features ** 2).sum())
+    labels = None
     if method == "fold":
         labels, error = fold_labels(features, k, scores, fixed_blocks(view), seed, restarts)
         factors = variance_factors(producer_rows(view), labels) if fold_ar else None
@@ -291,6 +313,8 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
         drop = sorted(set(range(n)) - set(kept))
         error = float((features[drop] ** 2).sum())
         record.action = "pruned"
+    if statistics is not None:
+        carry_statistics(view, statistics, labels, drop)
     view.remove(drop)
     record.kept = k
     record.weight_error = error

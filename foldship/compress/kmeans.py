@@ -19,7 +19,6 @@ can never cost the bound.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -217,6 +216,8 @@ def cluster(
     n = features.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be in [1, {n}]")
+    if k == n:  # every row its own cluster: nothing to search
+        return Clustering(torch.arange(n), 0.0)
     exact = features.to(torch.float64)
     # float32 Gram for wide groups: the bound is settled in float64 below, so rounding cannot cost it
     fast = exact if n * n * exact.shape[1] < 2e8 or exact.device.type != "cpu" else features.to(torch.float32)

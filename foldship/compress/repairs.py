@@ -72,26 +72,63 @@ def scale_gammas(view: GroupView, reps: list[int], factors: torch.Tensor) -> Non
             norm.weight.data[rows] *= factors.repeat_interleave(table.shape[1]).to(norm.weight.dtype)
 
 
-def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch: int = 128) -> int:
-    """Re-estimate every BN's running statistics on unlabelled images (reset, cumulative average).
+Statistics = dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]  # BN layer -> (mean, variance) per channel
 
-    Only running statistics change: no gradients, no learnable parameter touched.
-    Returns the number of BN layers re-estimated.
+
+def _running_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def bn_statistics(model: nn.Module, images: torch.Tensor, batch: int = 128) -> Statistics:
+    """Every BN layer's mean and variance on unlabelled images; the model is left as it was.
+
+    BN's own estimate: running statistics reset, cumulative average over the batches, only the BN
+    layers in train mode (dropout and the like stay off), no gradients.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    momenta = {m: m.momentum for m in norms}
-    was_training = model.training
+    norms = _running_norms(model)
+    saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum, m.training)
+             for m in norms}
     device = next(model.parameters()).device
     try:
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # cumulative moving average over all calibration batches
-        model.train()
+            m.train()
         with torch.no_grad():
             for start in range(0, len(images), batch):
                 model(images[start:start + batch].to(device))
+        return {m: (m.running_mean.clone(), m.running_var.clone()) for m in norms}
     finally:
-        for m in norms:
-            m.momentum = momenta[m]
-        model.train(was_training)
-    return len(norms)
+        for m, (mean, var, count, momentum, training) in saved.items():
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+            m.momentum = momentum
+            m.train(training)
+
+
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch: int = 128, reference: Statistics | None = None) -> int:
+    """Re-estimate every BN layer's running statistics on unlabelled images.
+
+    Without ``reference`` the statistics measured on the images replace the stored ones. With it,
+    only what compression changed is applied: ``reference`` holds the uncompressed model's
+    statistics on the same images, carried through the same merges and removals
+    (``engine.carry_statistics``), and each channel's stored statistics move by the measured
+    change, mean + (measured - reference) and variance x measured / reference. A channel that
+    compression left alone keeps its training statistics exactly, and the calibration set's own
+    bias (a few hundred images, no training augmentation) cancels: plain re-estimation on 512
+    images costs the uncompressed ResNet-20 4.8 points (91.5 -> 86.7 %).
+
+    Only running statistics change: no gradients, no learnable parameter touched.
+    Returns the number of BN layers re-estimated.
+    """
+    measured = bn_statistics(model, images, batch)
+    for m, (mean, var) in measured.items():
+        if reference is not None and m in reference:
+            reference_mean, reference_var = reference[m]
+            mean = m.running_mean + (mean - reference_mean)
+            # a channel silent on the images (variance ~ 0) has no ratio to apply: take the measurement
+            var = torch.where(reference_var > m.eps, m.running_var * (var / reference_var.clamp_min(m.eps)), var)
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+    return len(measured)
