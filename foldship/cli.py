@@ -428,10 +428,9 @@ def inspect(
 
 
 def _print_summary(report: dict, folder: str) -> None:
-    from .pipeline.report import summary_rows
+    from .pipeline.report import run_title, summary_rows
 
-    title = report.get("title") or f"{report['model']['name']}: {report['method']} at ratio {report['ratio']}"
-    table = Table(title=f"{title} -> {folder}")
+    table = Table(title=f"{run_title(report)} -> {folder}")
     for column, justify in (("metric", "left"), ("baseline", "right"), ("compressed", "right"), ("change", "right")):
         table.add_column(column, justify=justify, no_wrap=True)
     for row in summary_rows(report):

@@ -7,6 +7,7 @@ from torch import nn
 
 from foldship.compress import compress_model
 from foldship.compress.budget import check_targets, plan_budget, probe_inputs
+from foldship.compress.widths import ratio_for_width
 from foldship.errors import BadInput
 from foldship.models import load_model
 from foldship.validators.complexity import count_macs
@@ -89,7 +90,7 @@ def test_measured_sensitivity_finds_the_redundant_group_and_the_plan_cuts_it_fir
     assert deep.predicted_damage > 1e-4
     summary = deep.summary()
     assert summary["target"] == "macs" and [w["kept"] for w in summary["widths"]] == [g.width for g in deep.groups]
-    assert all(w["damage"] for w in summary["widths"])
+    assert all(w["damage_alone"] for w in summary["widths"])
 
 
 def test_plan_is_deterministic_and_calibration_images_replace_the_noise(dead_half):
@@ -99,7 +100,7 @@ def test_plan_is_deterministic_and_calibration_images_replace_the_noise(dead_hal
     images = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
     calibrated = plan_budget(model, example, "fold", target_macs=0.4, calibration=images)
     assert calibrated.probe == "calibration images (32)" and first.probe.startswith("smooth noise")
-    assert calibrated.summary()["widths"][0]["damage"] != first.summary()["widths"][0]["damage"]
+    assert calibrated.summary()["widths"][0]["damage_alone"] != first.summary()["widths"][0]["damage_alone"]
     # The noise is smooth (neighbouring pixels correlated), in [-1, 1], and reproducible from its seed.
     noise = probe_inputs(example)
     assert noise.shape == (32, 3, 32, 32) and float(noise.abs().max()) <= 1.0
@@ -112,6 +113,77 @@ def test_unreachable_mac_target_is_refused(dead_half):
     model, example = dead_half
     with pytest.raises(BadInput, match="cannot be met"):
         plan_budget(model, example, "prune-l2", target_macs=0.01)
+
+
+class TwinNet(nn.Module):
+    """Two identical branches ``a`` and ``b`` joined by an elementwise maximum, with non-negative
+    output weights: taking channels from one branch only lowers its output, so the maximum (the
+    twin's) does not move. Each branch alone is free to narrow; both together are not."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.a = nn.Conv2d(16, 32, 3, padding=1)
+            self.a_out = nn.Conv2d(32, 16, 1)
+            self.b = nn.Conv2d(16, 32, 3, padding=1)
+            self.b_out = nn.Conv2d(32, 16, 1)
+            self.mixed = nn.Conv2d(16, 32, 3, padding=1)
+            self.head = nn.Linear(32, 10)
+        with torch.no_grad():
+            self.a_out.weight.abs_()
+            self.b.load_state_dict(self.a.state_dict())
+            self.b_out.load_state_dict(self.a_out.state_dict())
+            self.head.weight *= 30
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.maximum(self.a_out(torch.relu(self.a(x))), self.b_out(torch.relu(self.b(x))))
+        return self.head(torch.relu(self.mixed(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["fold", "prune-l2"])
+def test_second_pass_measures_groups_in_context_and_keeps_one_twin(method, monkeypatch):
+    import importlib
+
+    budget = importlib.import_module("foldship.compress.budget")
+    model, example = TwinNet().eval(), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    probe = probe_inputs(example)
+    with torch.no_grad():
+        reference = model(probe)
+
+    def measured(plan):
+        result = compress_model(model, example, method, 0.5, group_ratios=plan.group_ratios(), round_to=plan.align)
+        with torch.no_grad():
+            return budget.output_damage(reference, result.model(probe))
+
+    plan = plan_budget(model, example, method, target_macs=0.6)
+    with monkeypatch.context() as patch:
+        patch.setattr(budget, "FIRST_PASS_SHARE", 1.0)  # one pass: every group's damage alone, all the way
+        one_pass = plan_budget(model, example, method, target_macs=0.6)
+    # Alone, each twin narrows for free, so one pass takes both, and the outputs move.
+    alone = {g.name: g for g in one_pass.groups}
+    assert not one_pass.first_pass and alone["a"].damage_at(8) < 1e-4 and alone["b"].damage_at(8) < 1e-4
+    assert alone["a"].width < 32 and alone["b"].width < 32 and measured(one_pass) > 0.02
+    # Two passes: the first (to 0.8x MACs) narrows one twin; in context the other is no longer free.
+    widths = {g.name: g.width for g in plan.groups}
+    first = {g.name: g.width for g in plan.first_pass}
+    assert plan.first_pass_fraction <= 0.8 and first["a"] < 32 and first["b"] == 32
+    assert widths["b"] == 32 and plan.mac_fraction <= 0.6
+    context = {g.name: g for g in plan.groups}
+    assert context["b"].start == 32 and context["b"].damage_at(8) > 0.02
+    assert all(g.start == first[g.name] and all(w < g.start for w, _ in g.damage) for g in plan.groups)
+    assert measured(plan) < measured(one_pass) / 4
+    # The second pass starts from the first pass's model exactly as it ships, its damage measured.
+    first_model = compress_model(model, example, method, 0.5, round_to=plan.align,
+                                 group_ratios={g.name: ratio_for_width(g.size, g.width) for g in plan.first_pass})
+    with torch.no_grad():
+        assert plan.first_pass_damage == pytest.approx(budget.output_damage(reference, first_model.model(probe)), rel=1e-9)
+    summary = plan.summary()
+    rows = {w["group"]: w for w in summary["widths"]}
+    assert rows["b"]["first_pass_kept"] == 32 and rows["b"]["damage_in_context"] and rows["b"]["damage_alone"]
+    assert summary["first_pass_mac_fraction"] == round(plan.first_pass_fraction, 4)
 
 
 class WideNet(nn.Module):

@@ -8,7 +8,7 @@ import pytest
 from foldship.compress.engine import compress_model
 from foldship.exporters import export_onnx
 from foldship.pipeline.config import load_config
-from foldship.pipeline.report import write_sweep
+from foldship.pipeline.report import run_title, write_sweep
 from foldship.pipeline.validate import validate_artifacts
 from foldship.validators import count_macs, onnx_macs
 
@@ -80,6 +80,14 @@ def test_report_md_leads_with_the_verdict_and_the_table(validated):
     assert "| onnxruntime-cpu batch16 p50 / p90 / p99 |" in text and "| onnxruntime-cpu batch1 throughput |" in text
     assert "of the theoretical gain" in text and "![latency distributions](latency.png)" in text
     assert "## Per-class top-1" in text and "## Every artifact" in text
+
+
+def test_title_names_the_budget_of_a_budgeted_build():
+    report = {"model": {"name": "timm:efficientnet_lite0"}, "method": "fold", "ratio": 0.3,
+              "compression": {"budget": {"target": "macs", "goal": 0.8}}}
+    assert run_title(report) == "timm:efficientnet_lite0 — fold at a 0.80x MAC budget"
+    report["compression"]["budget"] = None
+    assert run_title(report) == "timm:efficientnet_lite0 — fold at ratio 0.3"
 
 
 def test_plots_are_real_small_pngs(validated, tmp_path):

@@ -106,9 +106,18 @@ def _speedup_line(report: dict) -> str | None:
             f"({protocol['threads']} threads, {protocol['trials']} trial(s) per model).")
 
 
+def run_title(report: dict) -> str:
+    """What the run built: the model, the method, and its ratio or, for a budgeted build, the budget."""
+    if report.get("title") or "method" not in report:
+        return report.get("title") or "validation"
+    budget = (report.get("compression") or {}).get("budget")
+    setting = (f"a {budget['goal']:.2f}x {'MAC' if budget['target'] == 'macs' else 'latency'} budget" if budget
+               else f"ratio {report['ratio']}")
+    return f"{report['model']['name']} — {report['method']} at {setting}"
+
+
 def render_markdown(report: dict) -> str:
-    title = report.get("title") or (f"{report['model']['name']} — {report['method']} at ratio {report['ratio']}"
-                                    if "method" in report else "validation")
+    title = run_title(report)
     lines = [f"# foldship: {title}", "", verdict(report), "",
              "| metric | baseline | compressed | change |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
