@@ -290,8 +290,6 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
     if any(item.table.shape[1] == 0 for item in view.weighted_items):
         record.action = "kept: uneven channel mapping (partial split)"
         return record
-    if fold_ar and method == "fold":
-        normalise_producers(view)
     try:
         features = group_features(view)
     except UnsupportedItem as exc:
@@ -299,6 +297,9 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
         return record
     p = 1 if method == "prune-l1" else 2
     scores = producer_scores(view, p)
+    if fold_ar and method == "fold":
+        # After the features: Fold-AR merges the BN-normalised rows, but of plain fold's clusters.
+        normalise_producers(view)
     total = float((features ** 2).sum())
     labels = None
     if method == "fold":
