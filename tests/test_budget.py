@@ -111,7 +111,7 @@ def test_plan_is_deterministic_and_calibration_images_replace_the_noise(dead_hal
 
 def test_unreachable_mac_target_is_refused(dead_half):
     model, example = dead_half
-    with pytest.raises(BadInput, match="cannot be met"):
+    with pytest.raises(BadInput, match="target of 0.010x MACs cannot be met"):
         plan_budget(model, example, "prune-l2", target_macs=0.01)
 
 

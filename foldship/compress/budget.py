@@ -298,10 +298,13 @@ def _survey(model, example, method, align, group_policy, protected, probe, seed,
     return budgets, macs, base_damage
 
 
-def allocate(groups: list[GroupBudget], macs: MacModel, target: float, align: int) -> float:
+def allocate(groups: list[GroupBudget], macs: MacModel, target: float, align: int,
+             requested: float | None = None) -> float:
     """Greedy widths: from each group's start width, repeatedly take the aligned step (one block of
     ``align`` channels off one group) with the least added damage per MAC fraction saved, until the
-    MAC fraction meets ``target``; returns the MAC fraction reached. Ties go to the earlier group."""
+    MAC fraction meets ``target``; returns the MAC fraction reached. Ties go to the earlier group.
+    An unreachable target is refused naming ``requested`` (default ``target``), the caller's goal
+    when ``target`` is a step towards it."""
     for g in groups:
         g.width = g.start
     kept = {g.name: g.start / g.size for g in groups}
@@ -318,7 +321,7 @@ def allocate(groups: list[GroupBudget], macs: MacModel, target: float, align: in
             if best is None or score < best[0]:
                 best = (score, g, step)
         if best is None:
-            raise BadInput(f"target of {target:.3f}x MACs cannot be met: with every group at its narrowest measured "
+            raise BadInput(f"target of {requested or target:.3f}x MACs cannot be met: with every group at its narrowest measured "
                            f"width (about {PROBE_KEEPS[-1]:.0%} of its channels) the model keeps {reached:.3f}x MACs; "
                            f"raise the target")
         _, g, g.width = best
@@ -363,7 +366,7 @@ def two_pass_survey(model: nn.Module, example, method: str, goal: float, align: 
     """
     first, macs, _ = survey(model, example, method, align, group_policy, protected, probe, seed)
     halfway = 1.0 - FIRST_PASS_SHARE * (1.0 - goal)
-    reached = allocate(first, macs, halfway, align)
+    reached = allocate(first, macs, halfway, align, requested=goal)
     plan = BudgetPlan("macs", goal, align, first, reached, _probe_name(probe))
     if reached > goal:
         starts = {g.name: g.width for g in first}

@@ -108,8 +108,10 @@ def _speedup_line(report: dict) -> str | None:
 
 def run_title(report: dict) -> str:
     """What the run built: the model, the method, and its ratio or, for a budgeted build, the budget."""
-    if report.get("title") or "method" not in report:
-        return report.get("title") or "validation"
+    if report.get("title"):
+        return report["title"]
+    if "method" not in report:
+        return "validation"
     budget = (report.get("compression") or {}).get("budget")
     setting = (f"a {budget['goal']:.2f}x {'MAC' if budget['target'] == 'macs' else 'latency'} budget" if budget
                else f"ratio {report['ratio']}")
