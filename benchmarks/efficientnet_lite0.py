@@ -4,7 +4,8 @@ The model, the images and the baseline are loaded, exported and measured once; e
 compressed (timed), exported as the build ships it (BatchNorm fused, ONNX, shrunk and checked),
 evaluated through ONNX Runtime CPU on all images, and timed at batch 1 and 16. "Budgeted" plans
 per-group widths for ``--target-macs`` from a label-free sensitivity survey on smooth noise (never
-the evaluation images; planning time is reported apart from compression time). "Uniform" is the
+the evaluation images; planning time is reported apart from compression time), compressing with the
+variant's repair as a build does. "Uniform" is the
 paper's single ratio over every group, each width rounded to the nearest multiple of 8 (the
 alignment the budget uses, so both are fast), the ratio chosen so its MACs match the budgeted
 fold's as closely as the rounding allows. Latency is measured under two protocols (PROTOCOLS:
@@ -105,19 +106,20 @@ def main() -> None:
               flush=True)
         plans, plan_seconds, ratio, uniform = {}, {}, None, None
 
-        def planned(method: str):
-            if method not in plans:  # one survey per method, shared by its variants
+        def planned(method: str, repair: str = "none"):
+            key = (method, repair)
+            if key not in plans:  # one survey per method and repair, as the build plans it
                 start = time.perf_counter()
-                plans[method] = plan_budget(loaded.model, example, method, target_macs=target_macs)
-                plan_seconds[method] = round(time.perf_counter() - start, 1)
-                print(f"{method} plan: {plans[method].mac_fraction:.3f}x MACs in {plan_seconds[method]} s", flush=True)
-            return plans[method]
+                plans[key] = plan_budget(loaded.model, example, method, target_macs=target_macs, repair=repair)
+                plan_seconds[key] = round(time.perf_counter() - start, 1)
+                print(f"{method} ({repair}) plan: {plans[key].mac_fraction:.3f}x MACs in {plan_seconds[key]} s", flush=True)
+            return plans[key]
 
         for method, allocation, repair in VARIANTS:
             name = f"{method}-{allocation}-{repair}"
             plan = None
             if allocation == "budgeted":
-                plan = planned(method)
+                plan = planned(method, repair)
                 ratios, round_to = plan.group_ratios(), plan.align
             else:
                 round_to = planned("fold").align
@@ -132,7 +134,7 @@ def main() -> None:
             entry = {"name": name, "method": method, "allocation": allocation, "repair": repair,
                      "ratio": None if plan else ratio, "mac_ratio": count_macs(model, example) / base_macs,
                      "top1": top1, "top5": top5, "compress_seconds": round(result.seconds, 2),
-                     "plan_seconds": plan_seconds[method] if plan else None, "round_to": round_to,
+                     "plan_seconds": plan_seconds[method, repair] if plan else None, "round_to": round_to,
                      "widths": {g.name: g.kept for g in result.groups}}
             if plan:
                 entry["budget"] = plan.summary()

@@ -378,7 +378,7 @@ def compress(
                 calibration = calibration_images(calibration_data, loaded.preprocessing, None)
             example = loaded.example_inputs(2)
             budget = plan_budget(loaded.model, example, method, target_macs, target_latency, round_to, groups,
-                                 calibration=calibration, seed=seed)
+                                 calibration=calibration, seed=seed, repair=repair)
             result = compress_model(loaded.model, example, method, ratio, seed, groups,
                                     budget.group_ratios() if budget else None, round_to=budget.align if budget else round_to,
                                     repair=repair, calibration=calibration, device=device)

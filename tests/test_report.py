@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
+from foldship.compress.budget import plan_budget
 from foldship.compress.engine import compress_model
 from foldship.exporters import export_onnx
 from foldship.pipeline.config import load_config
-from foldship.pipeline.report import run_title, write_sweep
+from foldship.pipeline.report import budget_lines, run_title, write_sweep
 from foldship.pipeline.validate import validate_artifacts
 from foldship.validators import count_macs, onnx_macs
 
@@ -88,6 +89,21 @@ def test_title_names_the_budget_of_a_budgeted_build():
     assert run_title(report) == "timm:efficientnet_lite0 — fold at a 0.80x MAC budget"
     report["compression"]["budget"] = None
     assert run_title(report) == "timm:efficientnet_lite0 — fold at ratio 0.3"
+
+
+def test_report_md_lists_every_group_a_budget_narrowed(resnet20):
+    x = resnet20.example_inputs(2)
+    plan = plan_budget(resnet20.model, x, "fold", target_macs=0.7, group_policy="inner", repair="fold-ar")
+    lines = budget_lines(plan.summary())
+    assert lines[0] == "## Budget" and lines[2].startswith(f"Target 0.70x MACs, planned {plan.mac_fraction:.3f}x MACs.")
+    assert "with repair fold-ar" in lines[2] and f"of {len(plan.groups)} surveyed groups narrowed" in lines[2]
+    narrowed = [g for g in plan.groups if g.width < g.size]
+    rows = lines[6:-1]
+    assert len(rows) == len(narrowed) >= 2 and lines[-1] == ""
+    for row, group in zip(rows, narrowed):
+        first_pass = next(g.width for g in plan.first_pass if g.name == group.name)
+        assert row.startswith(f"| {group.name} | inner | {group.size} | {first_pass} | {group.width} | ")
+    assert budget_lines(None) == []
 
 
 def test_plots_are_real_small_pngs(validated, tmp_path):

@@ -116,6 +116,7 @@ class BudgetPlan:
     groups: list[GroupBudget]
     mac_fraction: float  # of the planned widths, from the per-layer MAC model
     probe: str = "smooth-noise"  # what the damage was measured on
+    repair: str = "none"  # the repair every survey compression used
     first_pass: list[GroupBudget] = field(default_factory=list)  # each group alone, planned to the halfway goal
     first_pass_fraction: float | None = None  # MAC fraction the first pass reached
     first_pass_damage: float = 0.0  # measured on the probe with every group at its first-pass width
@@ -137,7 +138,7 @@ class BudgetPlan:
         curve = lambda points: [[w, round(d, 6)] for w, d in points]
         return {"target": self.target, "goal": self.goal, "align": self.align, "mac_fraction": round(self.mac_fraction, 4),
                 "latency_fraction": None if self.latency_fraction is None else round(self.latency_fraction, 4),
-                "rounds": self.rounds, "probe": self.probe, "damage_metric": "mean KL(base || compressed), softmax",
+                "rounds": self.rounds, "probe": self.probe, "survey_repair": self.repair, "damage_metric": "mean KL(base || compressed), softmax",
                 "first_pass_mac_fraction": None if self.first_pass_fraction is None else round(self.first_pass_fraction, 4),
                 "first_pass_damage": round(self.first_pass_damage, 6),
                 "predicted_damage": round(self.predicted_damage, 6),
@@ -233,19 +234,21 @@ def probe_widths(size: int, align: int) -> list[int]:
 
 def survey(model: nn.Module, example, method: str, align: int, group_policy: str = "all",
            protected: Sequence[nn.Module] | None = None, probe: torch.Tensor | None = None,
-           seed: int = 0, starts: dict[str, int] | None = None) -> tuple[list[GroupBudget], MacModel, float]:
+           seed: int = 0, starts: dict[str, int] | None = None,
+           repair: str = "none") -> tuple[list[GroupBudget], MacModel, float]:
     """Every compressible group's damage curve on the probe, the model's MAC model, and the damage
     the curves start from.
 
     Without ``starts`` each group is narrowed alone from its full width, every other group whole
     (starting damage 0). With ``starts`` (group name -> width) the model is first compressed to
     those widths; each group is then narrowed further from its start, the others held at theirs,
-    and its damage is what that adds to the starting model's (measured) damage.
+    and its damage is what that adds to the starting model's (measured) damage. Every compression
+    uses ``repair`` (a data-free one), so the damage is that of what the build ships.
     """
     training = model.training
     model.eval()
     try:
-        return _survey(model, example, method, align, group_policy, protected, probe, seed, starts or {})
+        return _survey(model, example, method, align, group_policy, protected, probe, seed, starts or {}, repair)
     finally:
         model.train(training)
 
@@ -255,7 +258,7 @@ def _probe_run(model: nn.Module, probe):
         return model(**probe) if isinstance(probe, dict) else model(*probe) if isinstance(probe, tuple) else model(probe)
 
 
-def _survey(model, example, method, align, group_policy, protected, probe, seed, starts):
+def _survey(model, example, method, align, group_policy, protected, probe, seed, starts, repair):
     from .engine import compress_model  # engine imports this module's check
 
     if protected is None:
@@ -271,7 +274,7 @@ def _survey(model, example, method, align, group_policy, protected, probe, seed,
     if starts:  # compressed as it will ship (all restarts), so later passes measure what ships
         base = compress_model(model, example, method, 0.5, seed=seed, groups=group_policy, protected=protected_names,
                               group_ratios={v.name: ratio_for_width(v.size, start_of(v)) for v in views},
-                              device="cpu").model.eval()
+                              repair=repair, device="cpu").model.eval()
         base_damage = output_damage(reference, _probe_run(base, probe))
     kept = {v.name: start_of(v) / v.size for v in views}
     budgets = []
@@ -283,7 +286,7 @@ def _survey(model, example, method, align, group_policy, protected, probe, seed,
             others = {v.name: 0.0 for v in views}  # a ratio of 0 keeps a group whole (at its start width)
             result = compress_model(base, example, method, 0.5, seed=seed, groups=group_policy,
                                     group_ratios=others | {view.name: ratio_for_width(start, width)},
-                                    protected=protected_names, restarts=PROBE_RESTARTS, device="cpu")
+                                    protected=protected_names, restarts=PROBE_RESTARTS, repair=repair, device="cpu")
             record = next(g for g in result.groups if g.name == view.name)
             if record.action not in ("folded", "pruned"):  # the engine leaves this group whole: not plannable
                 damage = []
@@ -333,10 +336,12 @@ def allocate(groups: list[GroupBudget], macs: MacModel, target: float, align: in
 def plan_budget(model: nn.Module, example, method: str, target_macs: float | None = None,
                 target_latency: float | None = None, round_to: int = 1, group_policy: str = "all",
                 protected: Sequence[str] | None = None, threads: int = 0, calibration: torch.Tensor | None = None,
-                seed: int = 0) -> BudgetPlan | None:
+                seed: int = 0, repair: str = "none") -> BudgetPlan | None:
     """The plan for whichever target is set (None without a target); widths align to ``round_to``,
     or to 8 when it is 1. Damage is measured on the first PROBE_COUNT ``calibration`` images when
-    given (unlabelled, never the evaluation images), else on seeded smooth noise."""
+    given (unlabelled, never the evaluation images), else on seeded smooth noise, with the build's
+    ``repair`` when it is fold + fold-ar (bn-recalibrate is left out: it would re-estimate the BN
+    statistics on the calibration images for each of the survey's ~100 compressions)."""
     if target_macs is None and target_latency is None:
         return None
     check_targets(target_macs, target_latency, None)
@@ -350,37 +355,40 @@ def plan_budget(model: nn.Module, example, method: str, target_macs: float | Non
                            f"printed by `foldship inspect`")
         modules = [named[name] for name in protected]
     probe = None if calibration is None else calibration[:PROBE_COUNT]
+    repair = "fold-ar" if method == "fold" and repair == "fold-ar" else "none"
     if target_macs is not None:
-        return plan_for_macs(model, example, target_macs, method, align, group_policy, modules, probe, seed)
-    return plan_for_latency(model, example, target_latency, method, align, group_policy, modules, threads, probe, seed)
+        return plan_for_macs(model, example, target_macs, method, align, group_policy, modules, probe, seed, repair)
+    return plan_for_latency(model, example, target_latency, method, align, group_policy, modules, threads, probe, seed,
+                            repair)
 
 
 def two_pass_survey(model: nn.Module, example, method: str, goal: float, align: int = DEFAULT_ALIGN,
                     group_policy: str = "all", protected: Sequence[nn.Module] | None = None,
-                    probe: torch.Tensor | None = None, seed: int = 0) -> tuple[BudgetPlan, MacModel]:
+                    probe: torch.Tensor | None = None, seed: int = 0, repair: str = "none") -> tuple[BudgetPlan, MacModel]:
     """A plan whose groups are ready to allocate towards ``goal`` (a MAC fraction), and the MAC model.
 
     First pass: every group's damage alone, widths allocated to the halfway goal. When that does
     not already meet ``goal``, a second pass measures every group's further damage with all the
     others at their first-pass widths, and the plan's groups start from there.
     """
-    first, macs, _ = survey(model, example, method, align, group_policy, protected, probe, seed)
+    first, macs, _ = survey(model, example, method, align, group_policy, protected, probe, seed, repair=repair)
     halfway = 1.0 - FIRST_PASS_SHARE * (1.0 - goal)
     reached = allocate(first, macs, halfway, align, requested=goal)
-    plan = BudgetPlan("macs", goal, align, first, reached, _probe_name(probe))
+    plan = BudgetPlan("macs", goal, align, first, reached, _probe_name(probe), repair)
     if reached > goal:
         starts = {g.name: g.width for g in first}
         plan.groups, _, plan.first_pass_damage = survey(model, example, method, align, group_policy, protected,
-                                                        probe, seed, starts)
+                                                        probe, seed, starts, repair)
         plan.first_pass, plan.first_pass_fraction = first, reached
     return plan, macs
 
 
 def plan_for_macs(model: nn.Module, example, target_macs: float, method: str = "fold", align: int = DEFAULT_ALIGN,
                   group_policy: str = "all", protected: Sequence[nn.Module] | None = None,
-                  probe: torch.Tensor | None = None, seed: int = 0) -> BudgetPlan:
+                  probe: torch.Tensor | None = None, seed: int = 0, repair: str = "none") -> BudgetPlan:
     """Per-group widths whose MACs are at most ``target_macs`` of the baseline's."""
-    plan, macs = two_pass_survey(model, example, method, target_macs, align, group_policy, protected, probe, seed)
+    plan, macs = two_pass_survey(model, example, method, target_macs, align, group_policy, protected, probe, seed,
+                                 repair)
     plan.mac_fraction = allocate(plan.groups, macs, target_macs, align)
     return plan
 
@@ -388,11 +396,12 @@ def plan_for_macs(model: nn.Module, example, target_macs: float, method: str = "
 def plan_for_latency(model: nn.Module, example, target_latency: float, method: str = "fold",
                      align: int = DEFAULT_ALIGN, group_policy: str = "all",
                      protected: Sequence[nn.Module] | None = None, threads: int = 0,
-                     probe: torch.Tensor | None = None, seed: int = 0) -> BudgetPlan:
+                     probe: torch.Tensor | None = None, seed: int = 0, repair: str = "none") -> BudgetPlan:
     """Per-group widths whose ONNX Runtime CPU latency (batch 16, this machine) is at most
     ``target_latency`` of the baseline's: MAC plans (one two-pass survey, for a MAC goal equal to
     the latency goal), corrected by measurement each round."""
-    plan, macs = two_pass_survey(model, example, method, target_latency, align, group_policy, protected, probe, seed)
+    plan, macs = two_pass_survey(model, example, method, target_latency, align, group_policy, protected, probe, seed,
+                                 repair)
     plan.target = "latency"
     with tempfile.TemporaryDirectory(prefix="foldship-budget-") as folder:
         baseline = _export(model, example, Path(folder) / "baseline.onnx")

@@ -19,7 +19,8 @@ from ..errors import BadInput
 from ..models.cifar_resnet import PadShortcut
 from .groups import DependencyAdapter, GroupView, apply_rewrites, output_layers
 from .kmeans import cluster, inertia, special_partition
-from .repairs import REPAIRS, Statistics, bn_statistics, normalise_producers, recalibrate_bn, scale_gammas, variance_factors
+from .repairs import (REPAIRS, Statistics, bn_statistics, norm_pairs, normalise_producers, recalibrate_bn, scale_gammas,
+                      variance_factors)
 from .slices import MEAN, UnsupportedItem, item_slices
 from .widths import check_ratio, kept_width
 
@@ -304,7 +305,9 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
     labels = None
     if method == "fold":
         labels, error = fold_labels(features, k, scores, fixed_blocks(view), seed, restarts)
-        factors = variance_factors(producer_rows(view), labels) if fold_ar else None
+        # One factor per producer->BN pair, from that producer's own rows: a depthwise group's
+        # expansion conv and depthwise conv each feed their own BN.
+        factors = [variance_factors(producer_rows(view, [item]), labels) for item, _ in norm_pairs(view)] if fold_ar else None
         drop = merge_clusters(view, labels)
         if factors is not None:
             scale_gammas(view, representatives(labels), factors)

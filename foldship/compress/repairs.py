@@ -16,19 +16,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .groups import GroupView
+from .groups import GroupItem, GroupView
 
 REPAIRS = ("none", "fold-ar", "bn-recalibrate")
 
 
-def _group_norms(view: GroupView) -> list[tuple[nn.Module, nn.Module, torch.Tensor]]:
-    """(producer, its BN, the producer's table) for producer->BN pairs inside the group."""
+def norm_pairs(view: GroupView) -> list[tuple[GroupItem, nn.Module]]:
+    """(producer item, its BN) for the producer->BN pairs inside the group, in item order."""
     members = {id(i.module) for i in view.weighted_items if i.axis == "out"}
     pairs = []
     for item in view.weighted_items:
         norm = view.norm_after.get(item.module)
         if item.axis == "out" and norm is not None and id(norm) in members and norm.track_running_stats:
-            pairs.append((item.module, norm, item.table))
+            pairs.append((item, norm))
     return pairs
 
 
@@ -38,8 +38,8 @@ def normalise_producers(view: GroupView) -> None:
     Exact rewrite: BN(Wx) = gamma (Wx - mu) / s + beta = gamma (W'x - mu') / 1 + beta with
     W' = W / s, mu' = mu / s and running_var' + eps = 1. No parameter is added.
     """
-    for producer, norm, table in _group_norms(view):
-        rows = table.flatten()
+    for item, norm in norm_pairs(view):
+        producer, rows = item.module, item.table.flatten()
         scale = (norm.running_var + norm.eps).sqrt()
         producer.weight.data[rows] /= scale[rows].view(-1, *([1] * (producer.weight.dim() - 1))).to(producer.weight.dtype)
         if producer.bias is not None:
@@ -64,12 +64,13 @@ def variance_factors(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return factors
 
 
-def scale_gammas(view: GroupView, reps: list[int], factors: torch.Tensor) -> None:
-    """Multiply each merged BN gamma (at the representatives) by its cluster's factor."""
-    for _, norm, table in _group_norms(view):
+def scale_gammas(view: GroupView, reps: list[int], factors: list[torch.Tensor]) -> None:
+    """Multiply each merged BN gamma (at the representatives) by its cluster's factor, one factor
+    vector per producer->BN pair (``norm_pairs`` order)."""
+    for (item, norm), pair_factors in zip(norm_pairs(view), factors, strict=True):
         if norm.affine:
-            rows = table[reps].flatten()
-            norm.weight.data[rows] *= factors.repeat_interleave(table.shape[1]).to(norm.weight.dtype)
+            rows = item.table[reps].flatten()
+            norm.weight.data[rows] *= pair_factors.repeat_interleave(item.table.shape[1]).to(norm.weight.dtype)
 
 
 Statistics = dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]  # BN layer -> (mean, variance) per channel

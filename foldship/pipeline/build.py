@@ -67,7 +67,8 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress)
     example = loaded.example_inputs(2)
     with progress.stage(f"compress ({config.method})", total=None) as advance:
         budget = plan_budget(loaded.model, example, config.method, config.target_macs, config.target_latency,
-                             config.round_to, config.groups, config.protected, config.threads, calibration, config.seed)
+                             config.round_to, config.groups, config.protected, config.threads, calibration, config.seed,
+                             config.repair)
         result = compress_model(loaded.model, example, config.method, config.ratio, config.seed, config.groups,
                                 budget.group_ratios() if budget else config.group_ratios, config.protected,
                                 budget.align if budget else config.round_to, repair=config.repair,

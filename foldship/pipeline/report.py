@@ -132,6 +132,7 @@ def render_markdown(report: dict) -> str:
                   f"({report['compression']['groups_compressed']} of {len(report['compression']['groups'])} "
                   f"compressed); residual streams {report['residual_streams']}; seed {report['seed']}.", ""]
     lines += ["![latency distributions](latency.png)", ""]
+    lines += budget_lines((report.get("compression") or {}).get("budget"))
     if report["gates"]["results"]:
         lines += ["## Gates", "", "| gate | value | limit | result | measures |", "|---|---:|---:|---|---|"]
         for g in report["gates"]["results"]:
@@ -152,6 +153,26 @@ def render_markdown(report: dict) -> str:
               f"{env['packages']['onnxruntime']}, {env['cpu']} ({env['cpu_count']} cores)"
               + (f", GPU {env['gpu']['name']}" if env.get("gpu") else "") + ".", ""]
     return "\n".join(lines)
+
+
+def budget_lines(budget: dict | None) -> list[str]:
+    """The budgeted plan: what it aimed at, what it reached, and every group it narrowed."""
+    if not budget:
+        return []
+    goal = f"{budget['goal']:.2f}x {'MACs' if budget['target'] == 'macs' else 'latency'}"
+    reached = f"{budget['mac_fraction']:.3f}x MACs" + (
+        f", {budget['latency_fraction']:.3f}x latency" if budget.get("latency_fraction") is not None else "")
+    narrowed = [w for w in budget["widths"] if w["kept"] < w["width"]]
+    lines = ["## Budget", "",
+             f"Target {goal}, planned {reached}. Damage measured on {budget['probe']} with repair "
+             f"{budget['survey_repair']}; {len(narrowed)} of {len(budget['widths'])} surveyed groups narrowed "
+             f"(widths multiples of {budget['align']}), the rest kept whole.", "",
+             "| group | kind | width | first pass | planned | KL per MAC fraction saved |", "|---|---|---:|---:|---:|---:|"]
+    for w in narrowed:
+        first = "" if w["first_pass_kept"] is None else w["first_pass_kept"]
+        sensitivity = "" if w["sensitivity"] is None else f"{w['sensitivity']:.3g}"
+        lines.append(f"| {w['group']} | {w['kind']} | {w['width']} | {first} | {w['kept']} | {sensitivity} |")
+    return lines + [""]
 
 
 def _artifact_lines(report: dict) -> list[str]:
