@@ -5,7 +5,8 @@ compressed (timed), exported as the build ships it (BatchNorm fused, ONNX, shrun
 evaluated through ONNX Runtime CPU on all images, and timed at batch 1 and 16. "Budgeted" plans
 per-group widths for ``--target-macs`` from a label-free sensitivity survey on smooth noise (never
 the evaluation images; planning time is reported apart from compression time), compressing with the
-variant's repair as a build does. "Uniform" is the
+variant's repair as a build does; "budgeted-plain" applies fold-ar to the plan surveyed without it,
+to show what planning with the repair adds. "Uniform" is the
 paper's single ratio over every group, each width rounded to the nearest multiple of 8 (the
 alignment the budget uses, so both are fast), the ratio chosen so its MACs match the budgeted
 fold's as closely as the rounding allows. Latency is measured under two protocols (PROTOCOLS:
@@ -48,7 +49,8 @@ BATCHES = (1, 16)
 # all-cores wall-clock numbers are what a dedicated server sees, with this VM's noise.
 PROTOCOLS = {"1-thread-cpu": LatencyProtocol(warmup=5, threads=1, clock="cpu"), "all-cores-wall": LatencyProtocol(warmup=5)}
 VARIANTS = [("fold", "uniform", "none"), ("fold", "uniform", "fold-ar"), ("fold", "budgeted", "none"),
-            ("fold", "budgeted", "fold-ar"), ("prune-l2", "uniform", "none"), ("prune-l2", "budgeted", "none")]
+            ("fold", "budgeted", "fold-ar"), ("fold", "budgeted-plain", "fold-ar"), ("prune-l2", "uniform", "none"),
+            ("prune-l2", "budgeted", "none")]
 
 
 def uniform_widths(views, ratio: float, align: int) -> dict[str, int]:
@@ -118,8 +120,9 @@ def main() -> None:
         for method, allocation, repair in VARIANTS:
             name = f"{method}-{allocation}-{repair}"
             plan = None
-            if allocation == "budgeted":
-                plan = planned(method, repair)
+            survey_repair = "none" if allocation == "budgeted-plain" else repair
+            if allocation.startswith("budgeted"):
+                plan = planned(method, survey_repair)
                 ratios, round_to = plan.group_ratios(), plan.align
             else:
                 round_to = planned("fold").align
@@ -134,7 +137,7 @@ def main() -> None:
             entry = {"name": name, "method": method, "allocation": allocation, "repair": repair,
                      "ratio": None if plan else ratio, "mac_ratio": count_macs(model, example) / base_macs,
                      "top1": top1, "top5": top5, "compress_seconds": round(result.seconds, 2),
-                     "plan_seconds": plan_seconds[method, repair] if plan else None, "round_to": round_to,
+                     "plan_seconds": plan_seconds[method, survey_repair] if plan else None, "round_to": round_to,
                      "widths": {g.name: g.kept for g in result.groups}}
             if plan:
                 entry["budget"] = plan.summary()

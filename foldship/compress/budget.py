@@ -340,8 +340,7 @@ def plan_budget(model: nn.Module, example, method: str, target_macs: float | Non
     """The plan for whichever target is set (None without a target); widths align to ``round_to``,
     or to 8 when it is 1. Damage is measured on the first PROBE_COUNT ``calibration`` images when
     given (unlabelled, never the evaluation images), else on seeded smooth noise, with the build's
-    ``repair`` when it is fold + fold-ar (bn-recalibrate is left out: it would re-estimate the BN
-    statistics on the calibration images for each of the survey's ~100 compressions)."""
+    ``repair`` when the survey can use it (``two_pass_survey``)."""
     if target_macs is None and target_latency is None:
         return None
     check_targets(target_macs, target_latency, None)
@@ -355,7 +354,6 @@ def plan_budget(model: nn.Module, example, method: str, target_macs: float | Non
                            f"printed by `foldship inspect`")
         modules = [named[name] for name in protected]
     probe = None if calibration is None else calibration[:PROBE_COUNT]
-    repair = "fold-ar" if method == "fold" and repair == "fold-ar" else "none"
     if target_macs is not None:
         return plan_for_macs(model, example, target_macs, method, align, group_policy, modules, probe, seed, repair)
     return plan_for_latency(model, example, target_latency, method, align, group_policy, modules, threads, probe, seed,
@@ -369,8 +367,11 @@ def two_pass_survey(model: nn.Module, example, method: str, goal: float, align: 
 
     First pass: every group's damage alone, widths allocated to the halfway goal. When that does
     not already meet ``goal``, a second pass measures every group's further damage with all the
-    others at their first-pass widths, and the plan's groups start from there.
+    others at their first-pass widths, and the plan's groups start from there. Both passes compress
+    with ``repair`` when it is fold + fold-ar; any other is left out (bn-recalibrate would
+    re-estimate the BN statistics on the calibration images for each of ~100 compressions).
     """
+    repair = "fold-ar" if method == "fold" and repair == "fold-ar" else "none"
     first, macs, _ = survey(model, example, method, align, group_policy, protected, probe, seed, repair=repair)
     halfway = 1.0 - FIRST_PASS_SHARE * (1.0 - goal)
     reached = allocate(first, macs, halfway, align, requested=goal)
