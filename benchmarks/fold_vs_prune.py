@@ -30,6 +30,7 @@ from foldship.pipeline.environment import fingerprint
 from foldship.validators import evaluate_torch
 
 MODELS = {"ResNet-20": ("cifar_resnet20", "resnet20-12fca82f.th"), "ResNet-56": ("cifar_resnet56", "resnet56-4bfd9763.th")}
+# No prune + fold-ar cells: Fold-AR is the identity for pruning (tests/test_repairs.py).
 CELLS = [("fold", "none"), ("fold", "fold-ar"), ("fold", "bn-recalibrate"),
          ("prune-l1", "none"), ("prune-l1", "bn-recalibrate"), ("prune-l2", "none"), ("prune-l2", "bn-recalibrate")]
 

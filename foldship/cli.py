@@ -77,7 +77,8 @@ def build(
     method: Optional[str] = typer.Option(None, help="fold (cluster and merge channels), prune-l1 or prune-l2."),
     ratio: Optional[float] = typer.Option(None, help="Fraction of channels removed per group, in (0, 1)."),
     groups: Optional[str] = typer.Option(None, help="all: every group (paper); inner: keep residual streams whole."),
-    repair: Optional[str] = typer.Option(None, help="none (calibration-free), fold-ar (data-free variance correction) "
+    repair: Optional[str] = typer.Option(None, help="none (calibration-free), fold-ar (data-free variance correction of "
+                                                   "merged clusters; the identity for pruning) "
                                                    "or bn-recalibrate (BN statistics re-measured on --calibration-data; "
                                                    "only the change compression made is applied)."),
     calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate; near-copies of "
@@ -343,7 +344,7 @@ def compress(
     method: str = typer.Option("fold", help="fold, prune-l1 or prune-l2."),
     ratio: float = typer.Option(0.3, help="Fraction of channels removed per group, in (0, 1)."),
     groups: str = typer.Option("all", help="all: every group (paper); inner: keep residual streams whole."),
-    repair: str = typer.Option("none", help="none, fold-ar (data-free) or bn-recalibrate (BN statistics re-measured "
+    repair: str = typer.Option("none", help="none, fold-ar (data-free; the identity for pruning) or bn-recalibrate (BN statistics re-measured "
                                             "on --calibration-data; only the change compression made is applied)."),
     calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate."),
     round_to: int = typer.Option(1, "--round-to", help="Round kept widths down to a multiple (e.g. 8)."),

@@ -74,6 +74,18 @@ def test_fold_ar_merges_the_clusters_plain_fold_finds(resnet56):
                                                       repaired.model.state_dict().values()))
 
 
+@pytest.mark.parametrize("method", ["prune-l1", "prune-l2"])
+def test_fold_ar_is_the_identity_for_pruning(resnet20, method):
+    # Pruning keeps each channel as its own cluster: Fold-AR's factor is 1 and its BN
+    # normalisation changes no function, so prune + fold-ar is prune, byte for byte.
+    x = resnet20.example_inputs(2)
+    plain, repaired = (compress(resnet20.model, x, method=method, ratio=0.5, repair=repair)
+                       for repair in ("none", "fold-ar"))
+    plain_state, repaired_state = plain.state_dict(), repaired.state_dict()
+    assert list(plain_state) == list(repaired_state)
+    assert all(torch.equal(plain_state[name], repaired_state[name]) for name in plain_state)
+
+
 class DepthwiseBlock(nn.Module):
     """Expansion 1x1 conv -> BN -> depthwise 3x3 conv -> BN -> projection, linear throughout."""
 
