@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from foldship.compress.engine import group_features, producer_scores, top_k
 from foldship.compress.groups import DependencyAdapter, output_layers
-from foldship.compress.kmeans import cluster, inertia, kmeans_plus_plus, lloyd, special_partition, ward_partition
+from foldship.compress.kmeans import (cluster, gram_matrix, inertia, kmeans_plus_plus, lloyd, special_partition,
+                                      squared_norm, ward_partition)
 
 
 @st.composite
@@ -103,6 +104,17 @@ def test_kmeans_plus_plus_seeds_distinct_rows_in_one_round_or_many(n, seed, frac
         assert int(torch.bincount(labels, minlength=k).min()) >= 1
     again = kmeans_plus_plus(pairwise, k, torch.Generator().manual_seed(seed), runs=2)
     assert all(torch.equal(a, b) for a, b in zip(runs, again))
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 700), d=st.integers(1, 64), seed=st.integers(0, 10_000),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_blocked_gram_is_the_full_product(n, d, seed, dtype):
+    rows = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    gram = gram_matrix(rows)
+    torch.testing.assert_close(gram, rows @ rows.T)
+    torch.testing.assert_close(gram, gram.T)
+    assert squared_norm(rows) == pytest.approx(float(gram.diagonal().sum()), rel=1e-5)
 
 
 def test_kmeans_plus_plus_finds_well_separated_blobs():

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import BadInput
 from ..models.cifar_resnet import PadShortcut
 from .groups import DependencyAdapter, GroupView, apply_rewrites, output_layers
-from .kmeans import cluster, inertia, special_partition
+from .kmeans import cluster, inertia, special_partition, squared_norm
 from .repairs import (REPAIRS, Statistics, bn_statistics, norm_pairs, normalise_producers, recalibrate_bn, scale_gammas,
                       variance_factors)
 from .slices import MEAN, UnsupportedItem, item_slices
@@ -176,8 +176,8 @@ def fold_labels(features: torch.Tensor, k: int, scores: torch.Tensor, blocks: li
                 seed: int, restarts: int) -> tuple[torch.Tensor, float]:
     """Cluster labels for a fold to width k, honouring fixed blocks, and their weight error."""
     n = features.shape[0]
-    tied = sorted(c for b in blocks for c in b)
-    free = [c for c in range(n) if c not in set(tied)]
+    tied = {c for b in blocks for c in b}
+    free = [c for c in range(n) if c not in tied]
     k_free = k - len(blocks)
     if free and k_free < 1:
         raise BadInput(f"ratio too high for an option-A shortcut: {len(blocks)} pass-through clusters "
@@ -186,8 +186,7 @@ def fold_labels(features: torch.Tensor, k: int, scores: torch.Tensor, blocks: li
     for b, block in enumerate(blocks):
         labels[block] = b
     if free:
-        sub = features[free]
-        sub_scores = scores[free]
+        sub, sub_scores = (features[free], scores[free]) if blocks else (features, scores)  # no copy of W
         starts = ()
         if 1 <= k_free - 1 < len(free):  # magnitude-pruning partition with k_free - 1 kept
             starts = (special_partition(len(free), top_k(sub_scores, k_free - 1)),)
@@ -301,7 +300,7 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
     if fold_ar and method == "fold":
         # After the features: Fold-AR merges the BN-normalised rows, but of plain fold's clusters.
         normalise_producers(view)
-    total = float((features ** 2).sum())
+    total = squared_norm(features)
     labels = None
     if method == "fold":
         labels, error = fold_labels(features, k, scores, fixed_blocks(view), seed, restarts)
@@ -315,7 +314,7 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
     else:
         kept = top_k(scores, k)
         drop = sorted(set(range(n)) - set(kept))
-        error = float((features[drop] ** 2).sum())
+        error = squared_norm(features[drop])
         record.action = "pruned"
     if statistics is not None:
         carry_statistics(view, statistics, labels, drop)

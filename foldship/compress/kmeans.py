@@ -32,6 +32,29 @@ class Clustering:
     inertia: float  # sum of squared distances of rows to their cluster mean
 
 
+def squared_norm(matrix: torch.Tensor) -> float:
+    """Sum of squared entries, as one BLAS dot product: no temporary the size of a wide group's W."""
+    flat = matrix.reshape(-1)
+    return float(torch.dot(flat, flat))
+
+
+def gram_matrix(rows: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """rows @ rows.T from its upper block triangle, mirrored: 10/16 of the products for 4 blocks.
+
+    Each block row is one product against the rows from its diagonal on; the blocks below the
+    diagonal are copies of those above. Small groups take the one full product.
+    """
+    n = rows.shape[0]
+    if n < 256:  # small groups: one product costs less than the bookkeeping
+        return rows @ rows.T
+    gram = torch.empty(n, n, dtype=rows.dtype, device=rows.device)
+    edges = [n * i // blocks for i in range(blocks + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        gram[lo:hi, lo:] = rows[lo:hi] @ rows[lo:].T
+        gram[hi:, lo:hi] = gram[lo:hi, hi:].T
+    return gram
+
+
 def inertia(features: torch.Tensor, labels: torch.Tensor, k: int, total: float | None = None) -> float:
     """Squared Frobenius error ||W - P_C W||^2 of replacing each row by its cluster mean.
 
@@ -43,7 +66,7 @@ def inertia(features: torch.Tensor, labels: torch.Tensor, k: int, total: float |
     sums = torch.zeros(k, features.shape[1], dtype=features.dtype, device=features.device).index_add_(0, labels, features)
     counts = torch.bincount(labels, minlength=k).clamp_min(1).to(features.dtype)
     if total is None:
-        total = float((features * features).sum())
+        total = squared_norm(features)
     return max(total - float(((sums * sums).sum(1) / counts).sum()), 0.0)
 
 
@@ -170,10 +193,11 @@ def ward_partition(pairwise: torch.Tensor, k: int) -> torch.Tensor:
     merge heights never decrease.
     """
     n = pairwise.shape[0]
-    squared = pairwise.detach().to("cpu", torch.float64).numpy()
-    # The upper triangle, row by row, as SciPy's condensed form (a float32 Gram can leave the
-    # triangles unequal); square roots on that half only.
-    condensed = np.sqrt(np.concatenate([squared[i, i + 1:] for i in range(n - 1)]))
+    squared = pairwise.detach().cpu().numpy()
+    # The upper triangle, row by row, as SciPy's condensed form (a Gram's two triangles can differ
+    # in the last bit); the cast to float64 and the square roots on that half only.
+    condensed = np.concatenate([squared[i, i + 1:] for i in range(n - 1)]).astype(np.float64)
+    np.sqrt(condensed, out=condensed)
     merges = linkage(condensed, method="ward")[: n - k, :2].astype(np.int64)
     parent = np.arange(2 * n - 1)
     for step, (a, b) in enumerate(merges):
@@ -221,7 +245,7 @@ def cluster(
     exact = features.to(torch.float64)
     # float32 Gram for wide groups: the bound is settled in float64 below, so rounding cannot cost it
     fast = exact if n * n * exact.shape[1] < 2e8 or exact.device.type != "cpu" else features.to(torch.float32)
-    gram = fast @ fast.T  # kept in float32 when W is: Lloyd's O(n^2) passes are memory-bound
+    gram = gram_matrix(fast)  # kept in float32 when W is: Lloyd's O(n^2) passes are memory-bound
     norms = gram.diagonal().clone()  # contiguous: broadcast along rows below
     pairwise = (-2.0 * gram).add_(norms[:, None]).add_(norms[None, :]).clamp_min_(0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -245,7 +269,7 @@ def cluster(
         # Ranked on the float32 Gram; the winner and the given starts are then scored exactly on W,
         # so rounding can never cost the bound (method.md 5).
         winner = min(range(len(finalists)), key=lambda i: (gram_inertia(gram, finalists[i], k), i))
-        total = float((exact * exact).sum())
+        total = squared_norm(exact)
         best_inertia, index = min((inertia(exact, finalists[i], k, total), i) for i in {winner, *range(len(given))})
     return Clustering(canonical_labels(finalists[index].cpu()), best_inertia)
 
