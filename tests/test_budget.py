@@ -135,6 +135,10 @@ def test_unreachable_mac_target_is_refused(dead_half):
     model, example = dead_half
     with pytest.raises(BadInput, match="target of 0.010x MACs cannot be met"):
         plan_budget(model, example, "prune-l2", target_macs=0.01)
+    # A latency plan is refused in the user's terms, not those of the MAC goal planned for it.
+    with pytest.raises(BadInput, match=r"^target latency 0.01x cannot be met: planning it for 0.010x MACs, with every "
+                                       r"group at its narrowest .* keeps 0\.\d{3}x MACs; raise target_latency$"):
+        plan_budget(model, example, "prune-l2", target_latency=0.01)
 
 
 class TwinNet(nn.Module):

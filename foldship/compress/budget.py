@@ -61,6 +61,19 @@ LATENCY_BATCH = 16
 TIMING_ROUNDS = 20  # alternate runs of candidate and baseline per latency round
 
 
+class UnreachableTarget(BadInput):
+    """No aligned widths reach a MAC goal: ``reached`` is the fraction left with every group at its
+    narrowest measured width. A latency plan rewords it for the latency goal the user gave."""
+
+    def __init__(self, goal: float, reached: float):
+        self.goal, self.reached = goal, reached
+        super().__init__(f"target of {goal:.3f}x MACs cannot be met: {self.floor_text()}; raise the target")
+
+    def floor_text(self) -> str:
+        return (f"with every group at its narrowest measured width (about {PROBE_KEEPS[-1]:.0%} of its channels) "
+                f"the model keeps {self.reached:.3f}x MACs")
+
+
 def check_targets(target_macs: float | None, target_latency: float | None, group_ratios: dict | None) -> None:
     """Refuse targets outside (0, 1), both targets at once, or a target beside explicit group ratios."""
     for name, value in (("target_macs", target_macs), ("target_latency", target_latency)):
@@ -324,9 +337,7 @@ def allocate(groups: list[GroupBudget], macs: MacModel, target: float, align: in
             if best is None or score < best[0]:
                 best = (score, g, step)
         if best is None:
-            raise BadInput(f"target of {requested or target:.3f}x MACs cannot be met: with every group at its narrowest measured "
-                           f"width (about {PROBE_KEEPS[-1]:.0%} of its channels) the model keeps {reached:.3f}x MACs; "
-                           f"raise the target")
+            raise UnreachableTarget(requested or target, reached)
         _, g, g.width = best
         kept[g.name] = g.width / g.size
         reached = macs.fraction(kept)
@@ -401,6 +412,17 @@ def plan_for_latency(model: nn.Module, example, target_latency: float, method: s
     """Per-group widths whose ONNX Runtime CPU latency (batch 16, this machine) is at most
     ``target_latency`` of the baseline's: MAC plans (one two-pass survey, for a MAC goal equal to
     the latency goal), corrected by measurement each round."""
+    try:
+        return _plan_for_latency(model, example, target_latency, method, align, group_policy, protected, threads,
+                                 probe, seed, repair)
+    except UnreachableTarget as exc:  # say it of the user's latency goal, not of a MAC goal planned for it
+        raise BadInput(f"target latency {target_latency:.2f}x cannot be met: planning it for {exc.goal:.3f}x MACs, "
+                       f"{exc.floor_text()}; raise target_latency") from None
+
+
+def _plan_for_latency(model: nn.Module, example, target_latency: float, method: str, align: int, group_policy: str,
+                      protected: Sequence[nn.Module] | None, threads: int, probe: torch.Tensor | None, seed: int,
+                      repair: str) -> BudgetPlan:
     plan, macs = two_pass_survey(model, example, method, target_latency, align, group_policy, protected, probe, seed,
                                  repair)
     plan.target = "latency"
