@@ -141,6 +141,19 @@ def test_unreachable_mac_target_is_refused(dead_half):
         plan_budget(model, example, "prune-l2", target_latency=0.01)
 
 
+def test_a_fold_budget_narrows_option_a_streams_only_as_far_as_their_shortcuts_leave_room(resnet20):
+    # A 32-wide stream fed by an option-A shortcut carries 16 pass-through slots of the stream
+    # before it: folded to 16 or fewer it has no cluster left for the padding slots. The survey
+    # stops there (it used to refuse the whole plan), and narrowing the stream before makes room.
+    x = resnet20.example_inputs(2)
+    plan = plan_budget(resnet20.model, x, "fold", target_macs=0.5)
+    assert {g.name: g.floor for g in plan.first_pass if g.kind == "stream"} == {
+        "conv1": 8, "layer2.0.conv2": 24, "layer3.0.conv2": 48}
+    assert plan.mac_fraction <= 0.5
+    result = compress_model(resnet20.model, x, "fold", 0.5, group_ratios=plan.group_ratios(), round_to=plan.align)
+    assert {g.name: g.kept for g in result.groups} == {g.name: g.width for g in plan.groups}
+
+
 class TwinNet(nn.Module):
     """Two identical branches ``a`` and ``b`` joined by an elementwise maximum, with non-negative
     output weights: taking channels from one branch only lowers its output, so the maximum (the

@@ -272,7 +272,7 @@ def _probe_run(model: nn.Module, probe):
 
 
 def _survey(model, example, method, align, group_policy, protected, probe, seed, starts, repair):
-    from .engine import compress_model  # engine imports this module's check
+    from .engine import ShortcutTooNarrow, compress_model  # engine imports this module's check
 
     if protected is None:
         protected = output_layers(model, example)
@@ -297,9 +297,12 @@ def _survey(model, example, method, align, group_policy, protected, probe, seed,
         start, damage = start_of(view), []
         for width in (w for w in probe_widths(view.size, align) if w < start):
             others = {v.name: 0.0 for v in views}  # a ratio of 0 keeps a group whole (at its start width)
-            result = compress_model(base, example, method, 0.5, seed=seed, groups=group_policy,
-                                    group_ratios=others | {view.name: ratio_for_width(start, width)},
-                                    protected=protected_names, restarts=PROBE_RESTARTS, repair=repair, device="cpu")
+            try:
+                result = compress_model(base, example, method, 0.5, seed=seed, groups=group_policy,
+                                        group_ratios=others | {view.name: ratio_for_width(start, width)},
+                                        protected=protected_names, restarts=PROBE_RESTARTS, repair=repair, device="cpu")
+            except ShortcutTooNarrow:  # folding an option-A stream: its floor is the last width that fit
+                break
             record = next(g for g in result.groups if g.name == view.name)
             if record.action not in ("folded", "pruned"):  # the engine leaves this group whole: not plannable
                 damage = []

@@ -172,6 +172,11 @@ def fixed_blocks(view: GroupView) -> list[list[int]]:
     return list(blocks.values())
 
 
+class ShortcutTooNarrow(BadInput):
+    """A stream routed by option-A shortcuts folded to no more clusters than its pass-through slots
+    need: every narrower width fails too, and narrowing the stream feeding it makes room."""
+
+
 def fold_labels(features: torch.Tensor, k: int, scores: torch.Tensor, blocks: list[list[int]],
                 seed: int, restarts: int) -> tuple[torch.Tensor, float]:
     """Cluster labels for a fold to width k, honouring fixed blocks, and their weight error."""
@@ -180,8 +185,8 @@ def fold_labels(features: torch.Tensor, k: int, scores: torch.Tensor, blocks: li
     free = [c for c in range(n) if c not in tied]
     k_free = k - len(blocks)
     if free and k_free < 1:
-        raise BadInput(f"ratio too high for an option-A shortcut: {len(blocks)} pass-through clusters "
-                       f"leave no room in width {k}; use a lower ratio or --groups inner")
+        raise ShortcutTooNarrow(f"ratio too high for an option-A shortcut: {len(blocks)} pass-through clusters "
+                                f"leave no room in width {k}; use a lower ratio or --groups inner")
     labels = torch.empty(n, dtype=torch.long)
     for b, block in enumerate(blocks):
         labels[block] = b
