@@ -39,6 +39,8 @@ TARGET_HELP = {
     "latency": "Budget: choose per-group widths so ONNX Runtime CPU latency (batch 16, this machine) is at most "
                "this fraction of the baseline's (overrides --ratio).",
 }
+ROUND_TO_HELP = ("Kept widths a multiple of this (8 suits CPU/GPU kernels); default 1, or 8 with "
+                 "--target-macs/--target-latency.")
 CHECKPOINT_MAP_HELP = ("How checkpoint names meet the model's: names (default) or by-order (i-th tensor to i-th, "
                        "every shape checked); a rename table goes in the config.")
 
@@ -83,7 +85,7 @@ def build(
                                                    "only the change compression made is applied)."),
     calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate; near-copies of "
                                                             "evaluation images are dropped."),
-    round_to: Optional[int] = typer.Option(None, "--round-to", help="Round kept widths down to a multiple (e.g. 8)."),
+    round_to: Optional[int] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
     checkpoint_map: Optional[str] = typer.Option(None, help=CHECKPOINT_MAP_HELP),
@@ -347,7 +349,7 @@ def compress(
     repair: str = typer.Option("none", help="none, fold-ar (data-free; the identity for pruning) or bn-recalibrate (BN statistics re-measured "
                                             "on --calibration-data; only the change compression made is applied)."),
     calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate."),
-    round_to: int = typer.Option(1, "--round-to", help="Round kept widths down to a multiple (e.g. 8)."),
+    round_to: Optional[int] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
     checkpoint_map: Optional[str] = typer.Option(None, help=CHECKPOINT_MAP_HELP),
@@ -381,7 +383,7 @@ def compress(
             budget = plan_budget(loaded.model, example, method, target_macs, target_latency, round_to, groups,
                                  calibration=calibration, seed=seed, repair=repair)
             result = compress_model(loaded.model, example, method, ratio, seed, groups,
-                                    budget.group_ratios() if budget else None, round_to=budget.align if budget else round_to,
+                                    budget.group_ratios() if budget else None, round_to=budget.align if budget else round_to or 1,
                                     repair=repair, calibration=calibration, device=device)
             summary = result.summary() | {"budget": budget.summary() if budget else None}
             save_compressed(result.model.cpu(), loaded, folder.path(SPEC_NAME), summary)

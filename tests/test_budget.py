@@ -94,6 +94,15 @@ def test_measured_sensitivity_finds_the_redundant_group_and_the_plan_cuts_it_fir
     assert all(w["damage_alone"] for w in summary["widths"])
 
 
+def test_widths_align_to_8_unless_round_to_is_given(dead_half):
+    # An explicit round_to, 1 included, is honoured; only an absent one becomes 8 on this path.
+    model, example = dead_half
+    default, raw = (plan_budget(model, example, "prune-l2", target_macs=0.7, round_to=r) for r in (None, 1))
+    assert (default.align, raw.align) == (8, 1)
+    assert all(g.width % 8 == 0 for g in default.groups)
+    assert any(g.width % 8 for g in raw.groups) and raw.mac_fraction <= 0.7
+
+
 def test_plan_is_deterministic_and_calibration_images_replace_the_noise(dead_half):
     model, example = dead_half
     first = plan_budget(model, example, "fold", target_macs=0.4)

@@ -348,17 +348,17 @@ def allocate(groups: list[GroupBudget], macs: MacModel, target: float, align: in
 
 
 def plan_budget(model: nn.Module, example, method: str, target_macs: float | None = None,
-                target_latency: float | None = None, round_to: int = 1, group_policy: str = "all",
+                target_latency: float | None = None, round_to: int | None = None, group_policy: str = "all",
                 protected: Sequence[str] | None = None, threads: int = 0, calibration: torch.Tensor | None = None,
                 seed: int = 0, repair: str = "none") -> BudgetPlan | None:
     """The plan for whichever target is set (None without a target); widths align to ``round_to``,
-    or to 8 when it is 1. Damage is measured on the first PROBE_COUNT ``calibration`` images when
+    or to 8 when it is not given. Damage is measured on the first PROBE_COUNT ``calibration`` images when
     given (unlabelled, never the evaluation images), else on seeded smooth noise, with the build's
     ``repair`` when the survey can use it (``two_pass_survey``)."""
     if target_macs is None and target_latency is None:
         return None
     check_targets(target_macs, target_latency, None)
-    align = round_to if round_to > 1 else DEFAULT_ALIGN
+    align = DEFAULT_ALIGN if round_to is None else round_to
     modules = None
     if protected is not None:
         named = dict(model.named_modules())

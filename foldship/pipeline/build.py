@@ -69,15 +69,16 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress)
         budget = plan_budget(loaded.model, example, config.method, config.target_macs, config.target_latency,
                              config.round_to, config.groups, config.protected, config.threads, calibration, config.seed,
                              config.repair)
+        round_to = budget.align if budget else config.round_to or 1
         result = compress_model(loaded.model, example, config.method, config.ratio, config.seed, config.groups,
                                 budget.group_ratios() if budget else config.group_ratios, config.protected,
-                                budget.align if budget else config.round_to, repair=config.repair,
+                                round_to, repair=config.repair,
                                 calibration=calibration, device=config.device, progress=advance)
     compressed = result.model.cpu().eval()
     try:  # the compressed model as data (width spec + safetensors), rebuilt by foldship.load_compressed
         spec = save_compressed(compressed, loaded, folder.path(SPEC_NAME), {
             "method": config.method, "ratio": config.ratio, "seed": config.seed, "groups_policy": config.groups,
-            "repair": config.repair, "round_to": config.round_to})
+            "repair": config.repair, "round_to": round_to})
         saved_model = {"spec": spec.name, "weights": spec.with_suffix(".safetensors").name}
     except NotDescribable as exc:  # the ONNX files still ship; the report says why the spec does not
         saved_model = {"skipped": str(exc)}
@@ -118,7 +119,7 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress)
         "groups_policy": config.groups,
         "repair": config.repair,
         "residual_streams": result.residual_streams,
-        "round_to": config.round_to,
+        "round_to": round_to,
         "device": config.device,
         "compression": compression,
         "saved_model": saved_model,

@@ -41,7 +41,7 @@ class BuildConfig:
     calibration_count: int = 512
     group_ratios: dict[str, float] = field(default_factory=dict)
     protected: list[str] | None = None  # module names whose outputs stay whole; default: classifier
-    round_to: int = 1
+    round_to: int | None = None  # kept widths a multiple of this; default 1, or 8 with a budget target
     target_macs: float | None = None  # budgeted compression: per-group widths chosen to meet this MAC fraction
     target_latency: float | None = None  # ... or this fraction of the baseline's ONNX Runtime CPU latency
     seed: int = 0
@@ -102,7 +102,7 @@ class BuildConfig:
             raise BadInput(f"min_fp16_agreement is a fraction in [0, 1], got {self.min_fp16_agreement}")
         self.device = str(resolve_device(self.device))  # the report records where compression really ran
         self.ratio = check_ratio(self.ratio)
-        if self.round_to < 1:
+        if self.round_to is not None and self.round_to < 1:
             raise BadInput(f"round_to must be >= 1, got {self.round_to}")
         check_targets(self.target_macs, self.target_latency, self.group_ratios)
         resolve_preprocessing(Preprocessing(), self.preprocess, **self.preprocessing_overrides())
