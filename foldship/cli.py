@@ -346,8 +346,9 @@ def compress(
     method: str = typer.Option("fold", help="fold, prune-l1 or prune-l2."),
     ratio: float = typer.Option(0.3, help="Fraction of channels removed per group, in (0, 1)."),
     groups: str = typer.Option("all", help="all: every group (paper); inner: keep residual streams whole."),
-    repair: str = typer.Option("none", help="none, fold-ar (data-free; the identity for pruning) or bn-recalibrate (BN statistics re-measured "
-                                            "on --calibration-data; only the change compression made is applied)."),
+    repair: str = typer.Option("none", help="none, fold-ar (data-free; the identity for pruning) or bn-recalibrate "
+                                            "(BN statistics re-measured on --calibration-data; only the change "
+                                            "compression made is applied)."),
     calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate."),
     round_to: Optional[int] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
@@ -383,7 +384,7 @@ def compress(
             budget = plan_budget(loaded.model, example, method, target_macs, target_latency, round_to, groups,
                                  calibration=calibration, seed=seed, repair=repair)
             result = compress_model(loaded.model, example, method, ratio, seed, groups,
-                                    budget.group_ratios() if budget else None, round_to=budget.align if budget else round_to or 1,
+                                    budget.group_ratios() if budget else None, round_to=budget.align if budget else 1 if round_to is None else round_to,
                                     repair=repair, calibration=calibration, device=device)
             summary = result.summary() | {"budget": budget.summary() if budget else None}
             save_compressed(result.model.cpu(), loaded, folder.path(SPEC_NAME), summary)

@@ -164,6 +164,11 @@ def ratio_one(inputs):
     return ["--ratio", "1"]
 
 
+@case("round_to must be a whole number >= 1, got 0", "--round-to 8")
+def round_to_zero_with_a_target(inputs):
+    return ["--round-to", "0", "--target-macs", "0.8"]
+
+
 @case("unknown method 'magic'", "fold, prune-l1, prune-l2")
 def unknown_method(inputs):
     return ["--method", "magic"]

@@ -101,6 +101,10 @@ def test_widths_align_to_8_unless_round_to_is_given(dead_half):
     assert (default.align, raw.align) == (8, 1)
     assert all(g.width % 8 == 0 for g in default.groups)
     assert any(g.width % 8 for g in raw.groups) and raw.mac_fraction <= 0.7
+    with pytest.raises(BadInput, match="round_to must be a whole number >= 1, got 0"):
+        plan_budget(model, example, "prune-l2", target_macs=0.7, round_to=0)
+    with pytest.raises(BadInput, match="round_to must be a whole number >= 1, got 0"):
+        compress_model(model, example, "prune-l2", 0.5, round_to=0)
 
 
 def test_plan_is_deterministic_and_calibration_images_replace_the_noise(dead_half):

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from foldship.compress.widths import check_ratio, kept_width, ratio_for_width
+from foldship.compress.widths import check_ratio, check_round_to, kept_width, ratio_for_width
 from foldship.errors import BadInput
 
 PAPER_TABLE = {
@@ -41,6 +41,13 @@ def test_width_bounds(n, r, m):
 def test_nonsense_ratio_refused(bad):
     with pytest.raises(BadInput, match="ratio"):
         check_ratio(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True, "8"])
+def test_nonsense_round_to_refused(bad):
+    with pytest.raises(BadInput, match="round_to must be a whole number >= 1"):
+        check_round_to(bad)
+    check_round_to(None), check_round_to(1), check_round_to(16)  # None: the caller's default
 
 
 @settings(max_examples=200, deadline=None)

@@ -47,7 +47,7 @@ from torch import nn
 
 from ..errors import BadInput
 from .groups import DependencyAdapter, GroupView, output_layers
-from .widths import ratio_for_width
+from .widths import check_round_to, ratio_for_width
 
 DEFAULT_ALIGN = 8
 PROBE_KEEPS = (0.75, 0.5, 0.25)  # each group is measured at these fractions of its width (aligned)
@@ -358,6 +358,7 @@ def plan_budget(model: nn.Module, example, method: str, target_macs: float | Non
     if target_macs is None and target_latency is None:
         return None
     check_targets(target_macs, target_latency, None)
+    check_round_to(round_to)
     align = DEFAULT_ALIGN if round_to is None else round_to
     modules = None
     if protected is not None:

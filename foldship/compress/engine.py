@@ -22,7 +22,7 @@ from .kmeans import cluster, inertia, special_partition, squared_norm
 from .repairs import (REPAIRS, Statistics, bn_statistics, norm_pairs, normalise_producers, recalibrate_bn, scale_gammas,
                       variance_factors)
 from .slices import MEAN, UnsupportedItem, item_slices
-from .widths import check_ratio, kept_width
+from .widths import check_ratio, check_round_to, kept_width
 
 METHODS = ("fold", "prune-l1", "prune-l2")
 GROUP_POLICIES = ("all", "inner")
@@ -247,6 +247,7 @@ def compress_model(
         raise BadInput("repair bn-recalibrate needs unlabelled calibration images: pass --calibration-data PATH "
                        "(never the evaluation images)")
     ratio = check_ratio(ratio)
+    check_round_to(round_to)
     # A group ratio of 0 keeps that group whole (budgeted plans name every group they surveyed).
     ratios = {name: 0.0 if r == 0 else check_ratio(r) for name, r in (group_ratios or {}).items()}
     start = time.perf_counter()

@@ -17,6 +17,12 @@ def check_ratio(ratio: float) -> float:
     return value
 
 
+def check_round_to(round_to: int | None) -> None:
+    """Refuse an alignment that is not a whole number >= 1 (None: the caller's default)."""
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise BadInput(f"round_to must be a whole number >= 1, got {round_to!r}; e.g. --round-to 8")
+
+
 def kept_width(n: int, ratio: float, round_to: int = 1) -> int:
     """Channels kept in a group of ``n`` at compression ratio ``ratio``.
 

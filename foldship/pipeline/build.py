@@ -69,7 +69,7 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress)
         budget = plan_budget(loaded.model, example, config.method, config.target_macs, config.target_latency,
                              config.round_to, config.groups, config.protected, config.threads, calibration, config.seed,
                              config.repair)
-        round_to = budget.align if budget else config.round_to or 1
+        round_to = budget.align if budget else 1 if config.round_to is None else config.round_to
         result = compress_model(loaded.model, example, config.method, config.ratio, config.seed, config.groups,
                                 budget.group_ratios() if budget else config.group_ratios, config.protected,
                                 round_to, repair=config.repair,

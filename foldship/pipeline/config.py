@@ -12,7 +12,7 @@ from ..compress.budget import check_targets
 from ..compress.engine import GROUP_POLICIES, METHODS, resolve_device
 from ..data.presets import resolve_preprocessing
 from ..compress.repairs import REPAIRS
-from ..compress.widths import check_ratio
+from ..compress.widths import check_ratio, check_round_to
 from ..errors import BadInput
 from ..exporters import ExportOptions, TrtSettings
 from ..models.registry import Preprocessing
@@ -102,8 +102,7 @@ class BuildConfig:
             raise BadInput(f"min_fp16_agreement is a fraction in [0, 1], got {self.min_fp16_agreement}")
         self.device = str(resolve_device(self.device))  # the report records where compression really ran
         self.ratio = check_ratio(self.ratio)
-        if self.round_to is not None and self.round_to < 1:
-            raise BadInput(f"round_to must be >= 1, got {self.round_to}")
+        check_round_to(self.round_to)
         check_targets(self.target_macs, self.target_latency, self.group_ratios)
         resolve_preprocessing(Preprocessing(), self.preprocess, **self.preprocessing_overrides())
         self.validation_settings()
