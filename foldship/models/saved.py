@@ -91,6 +91,9 @@ def save_compressed(model: nn.Module, original: LoadedModel, spec_path: str | Pa
     """
     from safetensors.torch import save as to_safetensors
 
+    if original.source is not None:
+        raise NotDescribable(f"a width spec rebuilds models of foldship's registry, and {original.name} comes from "
+                             f"{original.source['kind']}; ship the ONNX file instead")
     spec_path = Path(spec_path)
     weights_path = spec_path.with_suffix(".safetensors")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
