@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -57,12 +58,21 @@ def check_archive(path: Path) -> None:
                                f"loads programs of plain tensors only: re-export without tensor subclasses or "
                                f"custom objects")
             for name in (n for n in names if "/data/sample_inputs/" in n):
-                torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                _sample_inputs_are_tensors(archive.read(name), path)
     except BadInput:
         raise
     except Exception as exc:  # a damaged archive fails in many ways (BadZipFile, EOFError, UnpicklingError, ...)
         raise BadInput(f"{path} is a damaged torch.export archive ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0] if str(exc) else ''}); re-save it with torch.export.save") from None
+
+
+def _sample_inputs_are_tensors(data: bytes, path: Path) -> None:
+    """torch.export.load retries a weights-only refusal with full pickle: refuse such inputs first."""
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError:
+        raise BadInput(f"{path} holds sample inputs with pickled objects, which loading would run; foldship loads "
+                       f"programs of plain tensors only: re-export with tensor example inputs") from None
 
 
 def _arguments(node: fx.Node) -> dict:
@@ -213,7 +223,7 @@ def lift_layers(gm: fx.GraphModule, source: Path) -> dict[str, int]:
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if "higher_order" in str(node.target):
+        if isinstance(node.target, torch._ops.HigherOrderOperator):
             raise BadInput(f"exported program {source} holds control flow ({node.target}); foldship traces one "
                            f"path through a model's layers: export the branch you ship without torch.cond")
         if node.target in LIFTERS:
@@ -239,6 +249,15 @@ def plain_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         graph.erase_node(node)  # input-shape guards of the export; foldship checks shapes itself
+    # As methods (``x.size(d)``, ``x.view(shape)``), which the TorchScript (legacy ONNX) tracer keeps
+    # dynamic; called as ATen ops they freeze the batch size of the trace into the graph.
+    methods = {aten.sym_size.int: "size", aten.view.default: "view", aten.reshape.default: "reshape"}
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in methods]:
+        with graph.inserting_before(node):
+            call = graph.call_method(methods[node.target], tuple(node.args))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
     graph._codegen = fx.graph.CodeGen()
     output = next(n for n in graph.nodes if n.op == "output")
     if isinstance(output.args[0], (tuple, list)) and len(output.args[0]) == 1:

@@ -96,6 +96,12 @@ def external_source(name: str) -> ExternalSource | None:
     return next((s for s in EXTERNAL_SOURCES if s.matches(name)), None)
 
 
+def weights_inside(name: str) -> bool:
+    """Whether ``name`` brings its trained weights (hf: model folders, exported programs, ONNX files)."""
+    source = external_source(name)
+    return name.startswith("hf:") or (source is not None and source.weights_inside)
+
+
 def _cifar_specs() -> dict[str, ModelSpec]:
     specs = {f"cifar_resnet{d}": ModelSpec("cifar_resnet", lambda num_classes=10, d=d: CifarResNet(d, num_classes),
                                            (3, 32, 32), 10)

@@ -117,8 +117,8 @@ def image_shape(name: str, input_shape, input_size) -> tuple[int, ...]:
 def load_user_model(name: str, checkpoint=None, num_classes=None, input_size=None, input_shape=None,
                     model_args=None, trust_checkpoint=False, preprocessing=None, checkpoint_map=None,
                     **_) -> LoadedModel:
-    shape = image_shape(name, input_shape, input_size)
     model, source = build_user_model(name, model_args)
+    shape = image_shape(name, input_shape, input_size)
     sha = mapping = None
     if checkpoint is not None:
         checkpoint, sha, mapping = load_checkpoint(model, checkpoint, name, trust_checkpoint, checkpoint_map)

@@ -38,10 +38,10 @@ class BuildOutcome:
 
 
 def load_from_config(config: BuildConfig) -> LoadedModel:
-    config.require_weights()
     loaded = load_model(config.model, config.checkpoint, config.num_classes, config.input_size,
                         config.trust_checkpoint, checkpoint_map=config.checkpoint_map, model_args=config.model_args,
                         input_shape=config.input_shape)
+    config.require_weights()  # after loading: an unknown model or a missing file is what to fix first
     loaded.preprocessing = resolve_preprocessing(loaded.preprocessing, config.preprocess,
                                                  **config.preprocessing_overrides())
     check_forward(loaded)

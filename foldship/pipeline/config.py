@@ -15,7 +15,7 @@ from ..compress.repairs import REPAIRS
 from ..compress.widths import check_ratio, check_round_to
 from ..errors import BadInput
 from ..exporters import ExportOptions, TrtSettings
-from ..models.registry import Preprocessing, external_source
+from ..models.registry import Preprocessing, external_source, weights_inside
 from ..validators.artifacts import OrtSettings
 from ..validators.gates import GATES, check_limits
 from ..validators.latency import LatencyProtocol
@@ -126,12 +126,10 @@ class BuildConfig:
         ``load_from_config``): a sweep gives its checkpoints after this check.
         """
         source = external_source(self.model)
-        if source is not None and source.weights_inside:
-            given = [flag for flag, value in (("--checkpoint", self.checkpoint), ("--random-weights",
-                                                                                   self.random_weights)) if value]
-            if given:
-                raise BadInput(f"model {self.model} carries its own weights; drop {' and '.join(given)}")
-            return
+        if source is not None and source.weights_inside and self.checkpoint is not None:
+            raise BadInput(f"model {self.model} carries its own weights; drop --checkpoint")
+        if self.random_weights and weights_inside(self.model):
+            raise BadInput(f"model {self.model} brings its trained weights; drop --random-weights")
         if self.random_weights:
             if self.checkpoint is not None:
                 raise BadInput("--random-weights builds without trained weights; drop it or --checkpoint")
@@ -144,8 +142,7 @@ class BuildConfig:
 
     def require_weights(self) -> None:
         """Refuse to load ``model`` without trained weights, unless they are inside it or random on purpose."""
-        source = external_source(self.model)
-        if self.checkpoint is None and not self.random_weights and not (source and source.weights_inside):
+        if self.checkpoint is None and not self.random_weights and not weights_inside(self.model):
             raise BadInput(f"model {self.model} needs a trained checkpoint: pass --checkpoint PATH (a state dict or "
                            f".safetensors); --random-weights builds without one, for smoke tests only")
 
