@@ -144,7 +144,7 @@ def render_markdown(report: dict) -> str:
     for skipped in report.get("skipped_artifacts", []):
         lines += [f"Not validated: {skipped['name']} ({skipped['reason']}).", ""]
     protocol, env = report["latency_protocol"], report["environment"]
-    lines += ["## Protocol and environment", "", _model_line(report["model"]),
+    lines += ["## Protocol and environment", "", *_model_lines(report),
               f"- Data: {report['data']['path']} ({report['data']['images']} images).",
               f"- Latency: {protocol['warmup']} warm-up runs, then at least {protocol['min_runs']} runs and "
               f"{protocol['min_seconds']} s per measurement; {protocol['order']}; {protocol['threads']} threads; "
@@ -156,8 +156,11 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _model_line(model: dict) -> str:
-    """Where the model and its weights came from: registry name, the user's code, or a file."""
+def _model_lines(report: dict) -> list[str]:
+    """Where a build's model and its weights came from: registry name, the user's code, or a file."""
+    if "method" not in report:  # a validation of given files: the sources are listed elsewhere
+        return []
+    model = report["model"]
     source = model.get("source") or {}
     weights = (f"checkpoint {model['checkpoint']} (sha256 {model['checkpoint_sha256'][:12]})"
                if model.get("checkpoint") else "random weights" if model.get("random_weights") else None)
@@ -177,7 +180,7 @@ def _model_line(model: dict) -> str:
         origin = f"{source.get('class', model['name'])} (a module built in Python)"
     else:
         origin = model["name"]
-    return f"- Model: {origin}" + (f"; {weights}" if weights else "") + "."
+    return [f"- Model: {origin}" + (f"; {weights}" if weights else "") + "."]
 
 
 def budget_lines(budget: dict | None) -> list[str]:
