@@ -69,7 +69,6 @@ def test_users_own_code_builds_from_its_file(tmp_path_factory, registry_fold):
     assert _groups(report) == registry_fold["groups"] and len(registry_fold["groups"]) == 12
     assert report["compressed"]["params"] == registry_fold["params"]
     assert report["compressed"]["correct"] == registry_fold["correct"]
-    assert report["onnx_parity"] == {} or report["onnx_parity"]["compressed_top1_match"] == 1000
     assert "your own code" in (out / "report.md").read_text()
     assert "ship the ONNX file" in report["saved_model"]["skipped"]
 
