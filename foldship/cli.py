@@ -41,6 +41,10 @@ TARGET_HELP = {
 }
 ROUND_TO_HELP = ("Kept widths a multiple of this (8 suits CPU/GPU kernels); default 1, or 8 with "
                  "--target-macs/--target-latency.")
+MODEL_HELP = ("cifar_resnet20..cifar_resnet110, torchvision:<name>, timm:<name>, hf:<id>; your own code as "
+              "path/to/file.py:factory or package.module:factory (this imports and RUNS that code; model_args in the "
+              "config go to the factory); exported:<program.pt2> (torch.export) or onnx:<model.onnx>. "
+              "See docs/models.md.")
 CHECKPOINT_MAP_HELP = ("How checkpoint names meet the model's: names (default) or by-order (i-th tensor to i-th, "
                        "every shape checked); a rename table goes in the config.")
 
@@ -74,8 +78,14 @@ def _warn_if_trusted(cfg) -> None:
 @app.command()
 def build(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; CLI flags override its keys."),
-    model: Optional[str] = typer.Option(None, help="cifar_resnet20..cifar_resnet110, torchvision:<name>, timm:<name> or hf:<id>."),
-    checkpoint: Optional[str] = typer.Option(None, help="Trained weights: .th/.pt/.pth state dict or .safetensors."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    checkpoint: Optional[str] = typer.Option(None, help="Trained weights: .th/.pt/.pth state dict or .safetensors "
+                                                        "(needed except for cifar_resnet20/56, whose shared-data "
+                                                        "files are the default, and exported:/onnx: models)."),
+    random_weights: bool = typer.Option(False, help="Build without trained weights: a smoke test of the pipeline "
+                                                    "only (the report says so; accuracy gates are refused)."),
+    input_shape: Optional[str] = typer.Option(None, help="One sample's input shape, e.g. 3,32,32 (needed for a "
+                                                         "model of your own code)."),
     method: Optional[str] = typer.Option(None, help="fold (cluster and merge channels), prune-l1 or prune-l2."),
     ratio: Optional[float] = typer.Option(None, help="Fraction of channels removed per group, in (0, 1)."),
     groups: Optional[str] = typer.Option(None, help="all: every group (paper); inner: keep residual streams whole."),
@@ -114,7 +124,8 @@ def build(
     """Load -> compress -> export baseline and compressed ONNX -> validate both -> write the run folder.
 
     With no arguments it builds the embedded default: the CIFAR-10 ResNet-20 checkpoint folded at
-    ratio 0.3, evaluated on 1,000 real CIFAR-10 test images, into runs/demo.
+    ratio 0.3, evaluated on 1,000 real CIFAR-10 test images, into runs/demo. --model file.py:factory
+    imports that file and runs its code; exported: and onnx: models load without running any.
     """
     def body():
         from .pipeline.build import build as run_build
@@ -129,7 +140,8 @@ def build(
                           batches=None if batch is None else [1, batch], max_accuracy_drop=max_accuracy_drop,
                           min_agreement=min_agreement, min_speedup=min_speedup, max_p99_ms=max_p99_ms,
                           max_size_mb=max_size_mb, overwrite=overwrite or None,
-                          trust_checkpoint=trust_checkpoint or None)
+                          trust_checkpoint=trust_checkpoint or None, random_weights=random_weights or None,
+                          input_shape=_ints(input_shape, "--input-shape"))
         _warn_if_trusted(cfg)
         outcome = run_build(cfg, StageProgress(err, quiet=quiet))
         if not quiet:
@@ -460,6 +472,13 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
         return [float(v) for v in text.split(",")]
     except ValueError:
         raise BadInput(f"{flag} takes comma-separated numbers, e.g. 0.485,0.456,0.406; got {text!r}") from None
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    values = _floats(text, flag)
+    if values is not None and not all(v == int(v) for v in values):
+        raise BadInput(f"{flag} takes comma-separated whole numbers, e.g. 3,32,32; got {text!r}")
+    return None if values is None else [int(v) for v in values]
 
 
 def _print_export_summary(report: dict, folder: str) -> None:

@@ -200,13 +200,13 @@ def cuda_without_gpu(inputs):
 
 @case("cannot run on inputs of shape (2, 3, 16, 16)", "Output size is too small", "set input_size")
 def model_that_cannot_run_on_its_input(inputs):
-    return inputs.config(model="torchvision:squeezenet1_1", checkpoint=None, num_classes=10, input_size=16)
+    return inputs.config(model="torchvision:squeezenet1_1", random_weights=True, num_classes=10, input_size=16)
 
 
 @case("cannot trace the model", "ZeroDivisionError", "check the input shape")
 def model_that_cannot_be_traced(inputs):
     # Torch-Pruning cannot follow shufflenet's channel shuffle on 32x32 inputs.
-    return inputs.config(model="torchvision:shufflenet_v2_x0_5", checkpoint=None, num_classes=10, input_size=32,
+    return inputs.config(model="torchvision:shufflenet_v2_x0_5", random_weights=True, num_classes=10, input_size=32,
                          limit=2)
 
 

@@ -49,6 +49,7 @@ class CompressionResult:
     repair: str = "none"
     groups: list[GroupRecord] = field(default_factory=list)
     seconds: float = 0.0
+    rewritten_modules: int = 0  # modules swapped for an equivalent foldable one (see register_rewrite)
 
     @property
     def residual_streams(self) -> str:
@@ -63,6 +64,7 @@ class CompressionResult:
         return {"method": self.method, "ratio": self.ratio, "seed": self.seed, "groups_policy": self.group_policy,
                 "repair": self.repair,
                 "residual_streams": self.residual_streams, "seconds": round(self.seconds, 3),
+                "rewritten_modules": self.rewritten_modules,
                 "groups": [asdict(g) for g in self.groups]}
 
 
@@ -253,8 +255,8 @@ def compress_model(
     start = time.perf_counter()
     device = resolve_device(device)
     work = copy.deepcopy(model).eval().to(device)
-    apply_rewrites(work)
     example_inputs = example_inputs.to(device) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    rewritten = apply_rewrites(work, example_inputs)
     names = dict(work.named_modules())
     if protected is None:
         protected_modules = output_layers(work, example_inputs)
@@ -264,7 +266,7 @@ def compress_model(
             raise BadInput(f"protected layer(s) {', '.join(missing)} not found in the model; list module names as printed by `foldship inspect`")
         protected_modules = [names[p] for p in protected]
     adapter = DependencyAdapter(work, example_inputs, protected_modules)
-    result = CompressionResult(work, method, ratio, seed, groups, repair)
+    result = CompressionResult(work, method, ratio, seed, groups, repair, rewritten_modules=rewritten)
     # bn-recalibrate: the uncompressed model's statistics on the calibration images, carried through every edit
     statistics = bn_statistics(work, calibration) if repair == "bn-recalibrate" else None
     with torch.no_grad():

@@ -195,19 +195,22 @@ class ManualGroup(GroupView):
 # Group finders, by model family: each returns GroupSpecs for constructs a tracer cannot group.
 GroupFinder = Callable[[nn.Module], list[GroupSpec]]
 GROUP_FINDERS: list[GroupFinder] = []
-MODEL_REWRITES: list[Callable[[nn.Module], int]] = []
+Rewrite = Callable[[nn.Module, object], int]
+MODEL_REWRITES: list[Rewrite] = []
 
 
-def register_rewrite(rewrite: Callable[[nn.Module], int]) -> Callable[[nn.Module], int]:
+def register_rewrite(rewrite: Rewrite) -> Rewrite:
     """Register an exact, in-place rewrite that makes a model's structure foldable (e.g. packed
-    attention -> per-head projections). It returns how many modules it replaced; compression and
-    group discovery apply every rewrite to their own copy, never to the caller's model."""
+    attention -> per-head projections). It is called as ``rewrite(model, example_inputs)`` (the
+    inputs may be None: a rewrite that needs them then does nothing) and returns how many modules
+    it replaced; compression and group discovery apply every rewrite to their own copy, never to
+    the caller's model."""
     MODEL_REWRITES.append(rewrite)
     return rewrite
 
 
-def apply_rewrites(model: nn.Module) -> int:
-    return sum(rewrite(model) for rewrite in MODEL_REWRITES)
+def apply_rewrites(model: nn.Module, example_inputs=None) -> int:
+    return sum(rewrite(model, example_inputs) for rewrite in MODEL_REWRITES)
 
 
 def register_group_finder(finder: GroupFinder) -> GroupFinder:
@@ -324,7 +327,7 @@ def channel_groups(model: nn.Module, example_inputs, protected: Sequence[nn.Modu
     names = {id(m): name for name, m in model.named_modules()}
     protected_names = None if protected is None else [names[id(m)] for m in protected]
     work = copy.deepcopy(model)
-    apply_rewrites(work)
+    apply_rewrites(work, example_inputs)
     modules = dict(work.named_modules())
     protected = output_layers(work, example_inputs) if protected_names is None else [modules[n] for n in protected_names]
     adapter = DependencyAdapter(work, example_inputs, protected)

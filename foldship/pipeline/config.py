@@ -15,7 +15,7 @@ from ..compress.repairs import REPAIRS
 from ..compress.widths import check_ratio, check_round_to
 from ..errors import BadInput
 from ..exporters import ExportOptions, TrtSettings
-from ..models.registry import Preprocessing
+from ..models.registry import Preprocessing, external_source, weights_inside
 from ..validators.artifacts import OrtSettings
 from ..validators.gates import GATES, check_limits
 from ..validators.latency import LatencyProtocol
@@ -23,6 +23,10 @@ from ..validators.stage import ValidationSettings
 
 # The project's real checkpoints and images live beside the checkout (never copied into it).
 SHARED_DATA = Path(os.environ.get("FOLDSHIP_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+# A default checkpoint only for the model it was trained for; any other model needs --checkpoint.
+DEFAULT_CHECKPOINTS = {name: SHARED_DATA / "checkpoints/cifar10_resnet_akamaster" / file for name, file in (
+    ("cifar_resnet20", "resnet20-12fca82f.th"), ("cifar_resnet56", "resnet56-4bfd9763.th"))}
+ACCURACY_GATES = ("max_accuracy_drop", "min_agreement")
 
 
 @dataclass
@@ -30,7 +34,7 @@ class BuildConfig:
     """Everything ``foldship build`` needs; each field is also a YAML key of the same name."""
 
     model: str = "cifar_resnet20"
-    checkpoint: str | None = str(SHARED_DATA / "checkpoints/cifar10_resnet_akamaster/resnet20-12fca82f.th")
+    checkpoint: str | None = None  # default: the shared-data file of cifar_resnet20 / cifar_resnet56 (DEFAULT_CHECKPOINTS)
     data: str = str(SHARED_DATA / "cifar10/cifar10_test_first1000_lossless.npz")
     out: str = "runs/demo"
     method: str = "fold"
@@ -86,6 +90,11 @@ class BuildConfig:
     max_size_mb: float | None = None
     trust_checkpoint: bool = False
     overwrite: bool = False
+    # Models from outside the registry (docs/models.md): factory keyword arguments and input shape for
+    # file.py:factory / module:factory; random_weights builds without a checkpoint (smoke tests only).
+    model_args: dict = field(default_factory=dict)
+    input_shape: list[int] | None = None
+    random_weights: bool = False
 
     def validate(self) -> "BuildConfig":
         if self.method not in METHODS:
@@ -107,7 +116,35 @@ class BuildConfig:
         resolve_preprocessing(Preprocessing(), self.preprocess, **self.preprocessing_overrides())
         self.validation_settings()
         check_limits(self.gate_limits())
+        self.check_weights()
         return self
+
+    def check_weights(self) -> None:
+        """Fill in the model's own shared-data checkpoint; refuse what random weights cannot judge.
+
+        A model without a default and without --checkpoint is refused when it is loaded (see
+        ``load_from_config``): a sweep gives its checkpoints after this check.
+        """
+        source = external_source(self.model)
+        if source is not None and source.weights_inside and self.checkpoint is not None:
+            raise BadInput(f"model {self.model} carries its own weights; drop --checkpoint")
+        if self.random_weights and weights_inside(self.model):
+            raise BadInput(f"model {self.model} brings its trained weights; drop --random-weights")
+        if self.random_weights:
+            if self.checkpoint is not None:
+                raise BadInput("--random-weights builds without trained weights; drop it or --checkpoint")
+            gates = [f"--{g.replace('_', '-')}" for g in ACCURACY_GATES if getattr(self, g) is not None]
+            if gates:
+                raise BadInput(f"{', '.join(gates)} cannot judge a --random-weights build (a smoke test: its "
+                               f"predictions mean nothing); pass --checkpoint with trained weights or drop the gate")
+        elif self.checkpoint is None and self.model in DEFAULT_CHECKPOINTS:
+            self.checkpoint = str(DEFAULT_CHECKPOINTS[self.model])
+
+    def require_weights(self) -> None:
+        """Refuse to load ``model`` without trained weights, unless they are inside it or random on purpose."""
+        if self.checkpoint is None and not self.random_weights and not weights_inside(self.model):
+            raise BadInput(f"model {self.model} needs a trained checkpoint: pass --checkpoint PATH (a state dict or "
+                           f".safetensors); --random-weights builds without one, for smoke tests only")
 
     def preprocessing_overrides(self) -> dict:
         return {"mean": self.mean, "std": self.std, "resize": self.resize, "crop": self.crop,

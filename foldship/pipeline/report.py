@@ -115,7 +115,8 @@ def run_title(report: dict) -> str:
     budget = (report.get("compression") or {}).get("budget")
     setting = (f"a {budget['goal']:.2f}x {'MAC' if budget['target'] == 'macs' else 'latency'} budget" if budget
                else f"ratio {report['ratio']}")
-    return f"{report['model']['name']} — {report['method']} at {setting}"
+    smoke = " (RANDOM WEIGHTS: smoke test, accuracy meaningless)" if report["model"].get("random_weights") else ""
+    return f"{report['model']['name']} — {report['method']} at {setting}{smoke}"
 
 
 def render_markdown(report: dict) -> str:
@@ -143,7 +144,7 @@ def render_markdown(report: dict) -> str:
     for skipped in report.get("skipped_artifacts", []):
         lines += [f"Not validated: {skipped['name']} ({skipped['reason']}).", ""]
     protocol, env = report["latency_protocol"], report["environment"]
-    lines += ["## Protocol and environment", "",
+    lines += ["## Protocol and environment", "", *_model_lines(report),
               f"- Data: {report['data']['path']} ({report['data']['images']} images).",
               f"- Latency: {protocol['warmup']} warm-up runs, then at least {protocol['min_runs']} runs and "
               f"{protocol['min_seconds']} s per measurement; {protocol['order']}; {protocol['threads']} threads; "
@@ -153,6 +154,33 @@ def render_markdown(report: dict) -> str:
               f"{env['packages']['onnxruntime']}, {env['cpu']} ({env['cpu_count']} cores)"
               + (f", GPU {env['gpu']['name']}" if env.get("gpu") else "") + ".", ""]
     return "\n".join(lines)
+
+
+def _model_lines(report: dict) -> list[str]:
+    """Where a build's model and its weights came from: registry name, the user's code, or a file."""
+    if "method" not in report:  # a validation of given files: the sources are listed elsewhere
+        return []
+    model = report["model"]
+    source = model.get("source") or {}
+    weights = (f"checkpoint {model['checkpoint']} (sha256 {model['checkpoint_sha256'][:12]})"
+               if model.get("checkpoint") else "random weights" if model.get("random_weights") else None)
+    kind = source.get("kind")
+    if kind == "python":
+        origin = (f"factory {source['factory']} of {source['module'] or source['file']} (your own code, "
+                  f"sha256 {(source['sha256'] or '?')[:12]}), model_args {source['model_args'] or '{}'}")
+    elif kind == "torch.export":
+        origin = f"exported program {source['file']} (sha256 {source['sha256'][:12]}), weights inside"
+    elif kind == "onnx":
+        check = source.get("conversion_check") or {}
+        origin = (f"ONNX file {source['file']} (sha256 {source['sha256'][:12]}, opset {source['opset']}), converted "
+                  f"by {source['converter']} at opset {source['converted_at_opset']}"
+                  + (f", matching ONNX Runtime to {check['max_abs_error']:.2g} on {check['images']} images"
+                     if check else "") + "; the baseline is this file as given")
+    elif kind:
+        origin = f"{source.get('class', model['name'])} (a module built in Python)"
+    else:
+        origin = model["name"]
+    return [f"- Model: {origin}" + (f"; {weights}" if weights else "") + "."]
 
 
 def budget_lines(budget: dict | None) -> list[str]:
