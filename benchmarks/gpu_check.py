@@ -115,8 +115,8 @@ def check_model(loaded, data, args, gpu: bool) -> dict:
     check["seconds"] = {"cpu_fold": [round(f.seconds, 3) for f in cpu_folds],
                         "device_fold": [round(f.seconds, 3) for f in device_folds]}
     print(f"{loaded.name}: fold on {args.device} vs cpu: {'PASS' if check['passed'] else 'FAIL'} (same widths "
-          f"{check['same_widths']}, same merges {check['same_merges']}, max logit diff {check['max_logit_rel_diff']:.1e}"
-          f" of the largest, top-1 agreement {100 * check['top1_agreement']:.1f}%, correct {check['correct']}, fold "
+          f"{check['same_widths']}, same merges {check['same_merges']}, max logit diff "
+          f"{check['max_logit_rel_diff']:.1e} of the largest, top-1 agreement {100 * check['top1_agreement']:.1f}%, correct {check['correct']}, fold "
           f"seconds {check['seconds']})", flush=True)
     folded = device_fold.model.cpu().eval()
     macs = {"baseline": count_macs(loaded.model, example), "compressed": count_macs(folded, example)}

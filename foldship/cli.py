@@ -333,7 +333,8 @@ def bench(
     """
     def body():
         if json_out is not None and not json_out.parent.is_dir():
-            raise BadInput(f"--json {json_out}: folder {json_out.parent} does not exist; create it or choose another path")
+            raise BadInput(f"--json {json_out}: folder {json_out.parent} does not exist; create it or choose "
+                           f"another path")
         shape = _floats(input_shape, "--input-shape")
         shape = tuple(int(v) for v in shape) if shape else None
         if artifact.is_dir():
@@ -362,8 +363,8 @@ def bench(
                 table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=True)
             for backend_name, batches in result["latency"].items():
                 for key, s in batches.items():
-                    table.add_row(backend_name, str(s["batch"]), str(s["runs"]), f"{s['p50_ms']:.2f}", f"{s['p90_ms']:.2f}",
-                                  f"{s['p99_ms']:.2f}", f"{s['throughput_per_s']:,.0f}", str(s["peak_memory_mb"]))
+                    table.add_row(backend_name, str(s["batch"]), str(s["runs"]), f"{s['p50_ms']:.2f}",
+                                  f"{s['p90_ms']:.2f}", f"{s['p99_ms']:.2f}", f"{s['throughput_per_s']:,.0f}", str(s["peak_memory_mb"]))
             out.print(table)
 
     _run(body)
@@ -528,7 +529,8 @@ def _print_bench_run(result: dict, json_out: Path | None) -> None:
         for key, base in sides["baseline"].items():
             comp = sides["compressed"][key]
             table.add_row(backend, str(base["batch"]), str(base["runs"]), f"{base['p50_ms']:.3f}",
-                          f"{comp['p50_ms']:.3f}", f"{comp['p99_ms']:.3f}", speed_phrase(result["speedup"][backend][key]))
+                          f"{comp['p50_ms']:.3f}", f"{comp['p99_ms']:.3f}",
+                          speed_phrase(result["speedup"][backend][key]))
     out.print(table)
 
 

@@ -145,7 +145,8 @@ def light_closure(names: list[str]) -> list[metadata.Distribution]:
         if name in found:
             continue
         found[name] = dist = metadata.distribution(name)
-        todo += [r.name for r in map(Requirement, dist.requires or []) if not r.marker or r.marker.evaluate({"extra": ""})]
+        todo += [r.name for r in map(Requirement, dist.requires or [])
+                 if not r.marker or r.marker.evaluate({"extra": ""})]
     return list(found.values())
 
 

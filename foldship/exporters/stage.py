@@ -103,8 +103,9 @@ def _locate_torch_parity(model: nn.Module, path: str, inputs: torch.Tensor, opti
     """Where the ONNX graph departs from the PyTorch model it was exported from (dynamo names only)."""
     if options.exporter != "dynamo":
         return "no node located: the legacy exporter's tensor names do not map to the model's"
-    return try_locate(lambda: first_divergence(torch_tensors(model, inputs), onnx_tensors(path, inputs.numpy()),
-                                               graph_nodes(onnx.load(path)), TORCH_PARITY_RELATIVE_TOLERANCE)).describe()
+    where = try_locate(lambda: first_divergence(torch_tensors(model, inputs), onnx_tensors(path, inputs.numpy()),
+                                                graph_nodes(onnx.load(path)), TORCH_PARITY_RELATIVE_TOLERANCE))
+    return where.describe()
 
 
 def ship_onnx(source: OnnxArtifact, folder: str | Path, name: str, options: ExportOptions,

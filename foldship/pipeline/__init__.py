@@ -6,4 +6,5 @@ without the compression stack (PyTorch).
 from .._lazy import lazy_package
 
 __all__ = ["BuildConfig", "BuildOutcome", "build", "load_config"]
-lazy_package(__name__, {"BuildOutcome": ".build", "build": ".build", "BuildConfig": ".config", "load_config": ".config"})
+lazy_package(__name__, {"BuildOutcome": ".build", "build": ".build",
+                        "BuildConfig": ".config", "load_config": ".config"})

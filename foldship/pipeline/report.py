@@ -86,8 +86,8 @@ def verdict(report: dict) -> str:
     failed = [g for g in gates["results"] if not g["passed"]]
     if not failed:
         return f"**Gates: PASSED** (all {len(gates['results'])})"
-    return "**Gates: FAILED: " + ", ".join(f"{gate_label(g)} ({_fmt_value(g['value'])} {'>' if g['rule'] == '<=' else '<'} "
-                                           f"{g['limit']})" for g in failed) + "**"
+    return "**Gates: FAILED: " + ", ".join(f"{gate_label(g)} ({_fmt_value(g['value'])} "
+                                           f"{'>' if g['rule'] == '<=' else '<'} {g['limit']})" for g in failed) + "**"
 
 
 def gate_label(gate: dict) -> str:

@@ -85,7 +85,8 @@ def bench_run(run: str | Path, name: str | None = None, batches: list[int] | Non
                         latency.setdefault(backend, {}).setdefault(side, {})[f"batch{batch}"] = stats
                     advance()
             else:
-                blocks = dataclasses.replace(settings, protocol=dataclasses.replace(protocol, trials=trials or GPU_TRIALS))
+                alternating = dataclasses.replace(protocol, trials=trials or GPU_TRIALS)
+                blocks = dataclasses.replace(settings, protocol=alternating)
                 order[backend] = (f"each model in its own block, alternating block by block "
                                   f"({blocks.protocol.trials} blocks each), samples pooled")
                 timed = time_blocks([(a, backend) for a in artifacts], shape, blocks)
@@ -148,7 +149,8 @@ def merge_latency(run: str | Path, bench_files: list[str | Path], out: str | Pat
     report = load_run(run)
     unknown = sorted(set(limits or {}) - set(LATENCY_GATES))
     if unknown:
-        raise BadInput(f"{', '.join(unknown)} cannot judge a target's timings; latency gates: {', '.join(LATENCY_GATES)}")
+        raise BadInput(f"{', '.join(unknown)} cannot judge a target's timings; latency gates: "
+                       f"{', '.join(LATENCY_GATES)}")
     recorded = {g["name"]: g["limit"] for g in report["gates"]["results"] if g["name"] in LATENCY_GATES}
     chosen = recorded | {k: v for k, v in check_limits(dict(limits or {})).items() if v is not None}
     digests = {side: sha256_of(path) for side, path in files.items()}

@@ -14,7 +14,8 @@ __all__ = [
     "GateResult", "evaluate_gates",
 ]
 lazy_package(__name__, {
-    **dict.fromkeys(["Predictions", "classification_scores", "evaluate_onnx", "evaluate_torch", "predict"], ".accuracy"),
+    **dict.fromkeys(["Predictions", "classification_scores", "evaluate_onnx", "evaluate_torch", "predict"],
+                    ".accuracy"),
     **dict.fromkeys(["Agreement", "Tolerance", "compare"], ".agreement"),
     **dict.fromkeys(["Artifact", "OrtSettings", "available_backends", "onnx_artifact", "torch_artifact",
                      "engine_artifact", "run_folder_artifacts"], ".artifacts"),
