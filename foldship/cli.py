@@ -49,6 +49,12 @@ CHECKPOINT_MAP_HELP = ("How checkpoint names meet the model's: names (default) o
                        "every shape checked); a rename table goes in the config.")
 
 
+# Packages of the full install that the timing-only install leaves out.
+HEAVY_PACKAGES = ("torch", "torchvision", "torch_pruning", "onnx", "onnxscript", "onnxslim", "onnxsim",
+                  "onnxconverter_common", "onnx_graphsurgeon", "polygraphy", "scipy", "safetensors", "yaml",
+                  "matplotlib")
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -65,6 +71,14 @@ def _run(fn) -> None:
     except KeyboardInterrupt:
         err.print("[bold red]interrupted:[/] no partial output was kept")
         raise typer.Exit(130) from None
+    except ModuleNotFoundError as exc:
+        if exc.name not in HEAVY_PACKAGES:
+            raise
+        # The timing-only install (requirements-edge.lock) has no PyTorch: say which commands it runs.
+        err.print(f"[bold red]error:[/] this command needs {exc.name}, which this environment lacks; the timing-only "
+                  f"install runs foldship bench RUN_DIR and foldship validate RUN_DIR --latency (docs/edge.md), "
+                  f"everything else needs requirements.lock", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def _warn_if_trusted(cfg) -> None:
@@ -242,12 +256,42 @@ def validate(
     min_speedup: Optional[float] = GATE_OPTIONS["min_speedup"],
     max_p99_ms: Optional[float] = GATE_OPTIONS["max_p99_ms"],
     max_size_mb: Optional[float] = GATE_OPTIONS["max_size_mb"],
+    latency: Optional[list[Path]] = typer.Option(None, "--latency", help="JSON written by `foldship bench RUN_DIR "
+                                                 "--json FILE` on a target machine (more may follow): merged into "
+                                                 "the run's report, one entry per target, and judged by "
+                                                 "--min-speedup/--max-p99-ms (default: the run's own limits); "
+                                                 "nothing is re-measured."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder (only once the new one is complete)."),
     quiet: bool = typer.Option(False, help="No progress bars or summary table."),
 ):
     """Run the validation stage alone: accuracy, parity, agreement, latency and gates of a baseline and a
-    compressed model, written as report.json, report.md and latency.png."""
+    compressed model, written as report.json, report.md and latency.png.
+
+    With --latency, merge timings taken on target machines into a copy of a run folder's report instead.
+    """
     def body():
+        if latency:
+            measuring = {"--config": config, "--data": data, "--limit": limit, "--mean": mean, "--std": std,
+                         "--batch": batch, "--threads": threads, "--trials": trials, "--min-seconds": min_seconds,
+                         "--backend": backend or None, "--max-accuracy-drop": max_accuracy_drop,
+                         "--min-agreement": min_agreement, "--max-size-mb": max_size_mb}
+            given = [flag for flag, value in measuring.items() if value is not None]
+            if given:
+                raise BadInput(f"--latency merges timings taken elsewhere, so {', '.join(given)} have nothing to "
+                               f"act on; validate without --latency to re-measure here")
+            # `--latency a.json b.json` leaves b.json among the arguments: an option takes one value each.
+            run_dir, *more = artifacts
+            if not run_dir.is_dir() or any(p.suffix != ".json" for p in more):
+                raise BadInput("--latency merges into one run folder: give foldship validate RUN_DIR --latency "
+                               "FILE.json [FILE.json ...]")
+            from .pipeline.targets import merge_latency
+
+            report, folder = merge_latency(run_dir, [*latency, *more], out, {"min_speedup": min_speedup,
+                                                                            "max_p99_ms": max_p99_ms}, overwrite)
+            if not quiet:
+                _print_targets(report, folder)
+            _exit_on_failed_gates(report, folder)
+            return
         from .pipeline.config import load_config
         from .pipeline.progress import StageProgress
         from .pipeline.validate import is_sweep, sweep, validate_artifacts
@@ -272,40 +316,67 @@ def validate(
 
 @app.command()
 def bench(
-    artifact: Path = typer.Argument(..., help="An .onnx file or a TensorRT .engine/.plan to time."),
-    batch: Optional[int] = typer.Option(None, help="The larger batch size timed besides batch 1 (default 64)."),
+    artifact: Path = typer.Argument(..., help="A run folder (its baseline.onnx and compressed.onnx, timed against "
+                                              "each other on this machine), an .onnx file or a TensorRT "
+                                              ".engine/.plan."),
+    batch: Optional[int] = typer.Option(None, help="The larger batch size timed besides batch 1 (default 64; run "
+                                                   "folder: the batches it was validated with)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for ONNX Runtime (0: all cores)."),
-    trials: Optional[int] = typer.Option(None, help="Blocks per backend; samples pool."),
+    trials: Optional[int] = typer.Option(None, help="Blocks per backend; samples pool (run folder: blocks per model "
+                                                    "on GPU providers, default 3; on the CPU the models alternate "
+                                                    "run by run)."),
     min_seconds: Optional[float] = typer.Option(None, help="Minimum time per measurement (default 1 s)."),
-    backend: Optional[list[str]] = typer.Option(None, help="Backend(s) to use (default: every one that can run it)."),
+    backend: Optional[list[str]] = typer.Option(None, help="Backend(s) to use (default: every one that can run it; "
+                                                           "onnxruntime-tensorrt only when named)."),
     input_shape: Optional[str] = typer.Option(None, help="Input shape without the batch axis, e.g. 3,224,224 "
-                                                         "(default: the ONNX file's)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+                                                         "(default: the run's or the ONNX file's)."),
+    name: Optional[str] = typer.Option(None, help="Run folder: the target's name in the JSON and in the merged "
+                                                  "report (default: this machine's host name)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here (a run "
+                                                                 "folder's merges with validate --latency)."),
     quiet: bool = typer.Option(False, help="No progress bar or table."),
 ):
-    """Time one artifact with the latency protocol: p50/p90/p99, throughput and peak memory per backend and batch."""
-    def body():
-        import json
+    """Time one artifact with the latency protocol: p50/p90/p99, throughput and peak memory per backend and batch.
 
+    On a run folder: time its baseline and compressed ONNX files against each other on this machine (the
+    target), alternating run by run, and describe the machine; `foldship validate RUN_DIR --latency FILE`
+    merges the --json file into the run's report. This needs only onnxruntime, numpy and the CLI's own
+    packages, no PyTorch (docs/edge.md).
+    """
+    def body():
+        if json_out is not None and not json_out.parent.is_dir():
+            raise BadInput(f"--json {json_out}: folder {json_out.parent} does not exist; create it or choose "
+                           f"another path")
+        shape = _floats(input_shape, "--input-shape")
+        shape = tuple(int(v) for v in shape) if shape else None
+        if artifact.is_dir():
+            from .pipeline.progress import StageProgress
+            from .pipeline.targets import bench_run
+
+            result = bench_run(artifact, name, None if batch is None else [1, batch], threads or 0, min_seconds,
+                               trials, backend or None, shape, StageProgress(err, quiet=quiet))
+            if json_out is not None:
+                _write_json(json_out, result)
+            if not quiet:
+                _print_bench_run(result, json_out)
+            return
         from .pipeline.config import load_config
         from .pipeline.progress import StageProgress
         from .pipeline.validate import bench as run_bench
 
         cfg = load_config(None, batches=None if batch is None else [1, batch], threads=threads, latency_trials=trials,
                           latency_min_seconds=min_seconds, backends=backend or None)
-        shape = _floats(input_shape, "--input-shape")
-        result = run_bench(artifact, cfg, tuple(int(v) for v in shape) if shape else None,
-                           StageProgress(err, quiet=quiet))
+        result = run_bench(artifact, cfg, shape, StageProgress(err, quiet=quiet))
         if json_out is not None:
-            json_out.write_text(json.dumps(result, indent=2) + "\n")
+            _write_json(json_out, result)
         if not quiet:
             table = Table(title=f"{artifact} ({result['precision']}, {result['size_bytes'] / 1024:.0f} KiB)")
             for column in ("backend", "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "throughput /s", "peak MB"):
                 table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=True)
-            for name, batches in result["latency"].items():
+            for backend_name, batches in result["latency"].items():
                 for key, s in batches.items():
-                    table.add_row(name, str(s["batch"]), str(s["runs"]), f"{s['p50_ms']:.2f}", f"{s['p90_ms']:.2f}",
-                                  f"{s['p99_ms']:.2f}", f"{s['throughput_per_s']:,.0f}", str(s["peak_memory_mb"]))
+                    table.add_row(backend_name, str(s["batch"]), str(s["runs"]), f"{s['p50_ms']:.2f}",
+                                  f"{s['p90_ms']:.2f}", f"{s['p99_ms']:.2f}", f"{s['throughput_per_s']:,.0f}", str(s["peak_memory_mb"]))
             out.print(table)
 
     _run(body)
@@ -458,8 +529,50 @@ def _print_summary(report: dict, folder: str) -> None:
                       + (f"; residual streams {report['residual_streams']}" if "residual_streams" in report else ""))
 
 
+def _print_bench_run(result: dict, json_out: Path | None) -> None:
+    from .pipeline.report import speed_phrase
+
+    machine = result["machine"]
+    table = Table(title=f"{result['run']['title']} on {result['target']} ({machine['cpu']}, "
+                        f"{machine['physical_cores']} cores)" + (f" -> {json_out}" if json_out else ""))
+    for column in ("backend", "batch", "runs", "baseline p50 ms", "compressed p50 ms", "compressed p99 ms", "speed"):
+        table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=True)
+    for backend, sides in result["latency"].items():
+        for key, base in sides["baseline"].items():
+            comp = sides["compressed"][key]
+            table.add_row(backend, str(base["batch"]), str(base["runs"]), f"{base['p50_ms']:.3f}",
+                          f"{comp['p50_ms']:.3f}", f"{comp['p99_ms']:.3f}",
+                          speed_phrase(result["speedup"][backend][key]))
+    out.print(table)
+
+
+def _print_targets(report: dict, folder: str) -> None:
+    from .pipeline.report import run_title, speed_phrase
+
+    table = Table(title=f"{run_title(report)}: latency on targets -> {folder}")
+    for column in ("target", "backend", "batch", "baseline p50 ms", "compressed p50 ms", "speed"):
+        table.add_column(column, justify="left" if column in ("target", "backend") else "right", no_wrap=True)
+    for target, entry in report["targets"].items():
+        for backend, sides in entry["latency"].items():
+            for key, base in sides["baseline"].items():
+                table.add_row(target, backend, str(base["batch"]), f"{base['p50_ms']:.3f}",
+                              f"{sides['compressed'][key]['p50_ms']:.3f}", speed_phrase(entry["speedup"][backend][key]))
+    out.print(table)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Whole or not at all: a temporary file renamed into place."""
+    import json
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def _exit_on_failed_gates(report: dict, folder: str) -> None:
-    failed = [g["name"] for g in report["gates"]["results"] if not g["passed"]]
+    failed = [g["name"] + (f" ({g['target']}, {g['backend']})" if g.get("target") else "")
+              for g in report["gates"]["results"] if not g["passed"]]
     if failed:
         err.print(f"[bold red]gate failed:[/] {', '.join(failed)} (report in {folder})")
         raise typer.Exit(3)

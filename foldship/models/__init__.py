@@ -1,10 +1,13 @@
 """Loading trained models: built-in families, torchvision architectures, safe checkpoints, compressed
 models saved as a width spec plus safetensors, and models from outside the registry: the user's own
-code (``file.py:factory``), ``exported:`` torch.export programs and ``onnx:`` files."""
-from . import exported, onnx_in, user_code  # noqa: F401  each registers its source with the registry
-from .registry import LoadedModel, Preprocessing, load_model, model_spec
-from .user_code import wrap_module
-from .saved import load_compressed, save_compressed
+code (``file.py:factory``), ``exported:`` torch.export programs and ``onnx:`` files.
+
+Public names load on first use, so ``foldship.models.digest`` imports without PyTorch.
+"""
+from .._lazy import lazy_package
 
 __all__ = ["LoadedModel", "Preprocessing", "load_model", "model_spec", "wrap_module", "load_compressed",
            "save_compressed"]
+lazy_package(__name__, {**dict.fromkeys(["LoadedModel", "Preprocessing", "load_model", "model_spec"], ".registry"),
+                        "wrap_module": ".user_code",
+                        **dict.fromkeys(["load_compressed", "save_compressed"], ".saved")})

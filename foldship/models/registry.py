@@ -8,7 +8,6 @@ imports them.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,6 +18,7 @@ from torch import nn
 from ..errors import BadInput
 from .checkpoint import read_state_dict, resolve_checkpoint
 from .cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet, cifar_resnet18
+from .digest import sha256_of
 from .foreign import apply_mapping
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,6 +93,7 @@ def register_source(source: ExternalSource) -> ExternalSource:
 
 def external_source(name: str) -> ExternalSource | None:
     """The registered source that reads ``name``, or None for a registry name."""
+    from . import exported, onnx_in, user_code  # noqa: F401  each registers its source on import
     return next((s for s in EXTERNAL_SOURCES if s.matches(name)), None)
 
 
@@ -144,14 +145,6 @@ def _torchvision_spec(arch: str) -> ModelSpec:
     build = lambda num_classes=1000: torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     preprocessing = Preprocessing(resize=256, crop=224)
     return ModelSpec("torchvision", build, (3, 224, 224), 1000, preprocessing)
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_model(

@@ -86,8 +86,18 @@ def verdict(report: dict) -> str:
     failed = [g for g in gates["results"] if not g["passed"]]
     if not failed:
         return f"**Gates: PASSED** (all {len(gates['results'])})"
-    return "**Gates: FAILED: " + ", ".join(f"{g['name']} ({_fmt_value(g['value'])} {'>' if g['rule'] == '<=' else '<'} "
-                                           f"{g['limit']})" for g in failed) + "**"
+    return "**Gates: FAILED: " + ", ".join(f"{gate_label(g)} ({_fmt_value(g['value'])} "
+                                           f"{'>' if g['rule'] == '<=' else '<'} {g['limit']})" for g in failed) + "**"
+
+
+def gate_label(gate: dict) -> str:
+    """A gate's name, with the target machine and backend it judged when it judged one."""
+    return gate["name"] + (f" on {gate['target']} ({gate['backend']})" if gate.get("target") else "")
+
+
+def speed_phrase(speedup: float) -> str:
+    """Compressed vs baseline latency as words: a slowdown reads as one."""
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
 
 
 def _fmt_value(value: float | None) -> str:
@@ -134,10 +144,11 @@ def render_markdown(report: dict) -> str:
                   f"compressed); residual streams {report['residual_streams']}; seed {report['seed']}.", ""]
     lines += ["![latency distributions](latency.png)", ""]
     lines += budget_lines((report.get("compression") or {}).get("budget"))
+    lines += target_lines(report)
     if report["gates"]["results"]:
         lines += ["## Gates", "", "| gate | value | limit | result | measures |", "|---|---:|---:|---|---|"]
         for g in report["gates"]["results"]:
-            lines.append(f"| {g['name']} | {_fmt_value(g['value'])} | {g['rule']} {g['limit']} | "
+            lines.append(f"| {gate_label(g)} | {_fmt_value(g['value'])} | {g['rule']} {g['limit']} | "
                          f"{'pass' if g['passed'] else '**FAIL**'} | {g.get('measures', '')} |")
         lines.append("")
     lines += _artifact_lines(report) + _per_class_lines(report)
@@ -151,7 +162,7 @@ def render_markdown(report: dict) -> str:
               f"ONNX Runtime optimization {protocol['onnxruntime']['optimization']}, spinning "
               f"{'on' if protocol['onnxruntime']['spinning'] else 'off'}; backends {', '.join(protocol['backends'])}.",
               f"- Environment: Python {env['python']}, torch {env['packages']['torch']}, onnxruntime "
-              f"{env['packages']['onnxruntime']}, {env['cpu']} ({env['cpu_count']} cores)"
+              f"{onnxruntime_version(env)}, {env['cpu']} ({env['cpu_count']} cores)"
               + (f", GPU {env['gpu']['name']}" if env.get("gpu") else "") + ".", ""]
     return "\n".join(lines)
 
@@ -181,6 +192,37 @@ def _model_lines(report: dict) -> list[str]:
     else:
         origin = model["name"]
     return [f"- Model: {origin}" + (f"; {weights}" if weights else "") + "."]
+
+
+def onnxruntime_version(env: dict) -> str | None:
+    """The ONNX Runtime an environment fingerprint records (onnxruntime, or onnxruntime-gpu in its place)."""
+    packages = env["packages"]
+    return packages.get("onnxruntime") or (f"{packages['onnxruntime-gpu']} (gpu)" if packages.get("onnxruntime-gpu")
+                                           else None)
+
+
+def target_lines(report: dict) -> list[str]:
+    """Latency measured on target machines (foldship bench RUN_DIR, merged with validate --latency)."""
+    targets = report.get("targets")
+    if not targets:
+        return []
+    lines = ["## Latency on targets", "",
+             "Timed on each machine with `foldship bench` and merged from its JSON; the rows above are the build "
+             "machine's.", "",
+             "| target | machine | backend | batch | baseline p50 / p99 ms | compressed p50 / p99 ms | speed |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for name, entry in targets.items():
+        machine = entry["machine"]
+        described = (f"{machine['cpu']}, {machine['physical_cores']} cores, {machine['platform']}, onnxruntime "
+                     f"{onnxruntime_version(machine)}")
+        for backend, sides in entry["latency"].items():
+            for key, base in sides["baseline"].items():
+                comp = sides["compressed"][key]
+                lines.append(f"| {name} | {described} | {backend} | {base['batch']} | {base['p50_ms']:.3f} / "
+                             f"{base['p99_ms']:.3f} | {comp['p50_ms']:.3f} / {comp['p99_ms']:.3f} | "
+                             f"{speed_phrase(entry['speedup'][backend][key])} |")
+    orders = {f"{b}: {order}" for entry in targets.values() for b, order in entry["latency_protocol"]["order"].items()}
+    return lines + ["", "Order of runs on targets: " + "; ".join(sorted(orders)) + ".", ""]
 
 
 def budget_lines(budget: dict | None) -> list[str]:
