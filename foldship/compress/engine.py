@@ -22,7 +22,7 @@ from .kmeans import cluster, inertia, special_partition, squared_norm
 from .repairs import (REPAIRS, Statistics, bn_statistics, norm_pairs, normalise_producers, recalibrate_bn, scale_gammas,
                       variance_factors)
 from .slices import MEAN, UnsupportedItem, item_slices
-from .widths import check_ratio, check_round_to, kept_width
+from .widths import WidthLedger, check_ratio, check_round_to, kept_width
 
 METHODS = ("fold", "prune-l1", "prune-l2")
 GROUP_POLICIES = ("all", "inner")
@@ -177,14 +177,45 @@ class ShortcutTooNarrow(BadInput):
     need: every narrower width fails too, and narrowing the stream feeding it makes room."""
 
 
+def split_blocks(features: torch.Tensor, blocks: list[list[int]], extra: int, seed: int,
+                 restarts: int) -> list[list[int]]:
+    """``blocks`` split into ``extra`` more parts, one split at a time where it lowers the weight error most.
+
+    A stream can need more clusters than its option-A blocks and padding slots give (its input stream
+    folded hard, itself lightly). Every part still holds pass-through slots that read one input
+    channel, so the shortcut stays a 0/1 gather; two output channels then read the same input channel.
+    """
+    def best_split(block: list[int], parts: int) -> tuple[list[list[int]], float]:
+        if parts == len(block):
+            return [[c] for c in block], 0.0
+        result = cluster(features[block], parts, seed=seed, restarts=restarts)
+        return [[c for c, label in zip(block, result.labels.tolist()) if label == p] for p in range(parts)], \
+            result.inertia
+
+    current = [([block], inertia(features[block], torch.zeros(len(block), dtype=torch.long), 1)) for block in blocks]
+    for _ in range(extra):
+        candidates = [(current[b][1] - split[1], -b, split) for b, split in
+                      ((b, best_split(block, len(current[b][0]) + 1)) for b, block in enumerate(blocks)
+                       if len(current[b][0]) < len(block))]
+        _, negative_b, split = max(candidates, key=lambda c: c[:2])  # largest gain; ties: the first block
+        current[-negative_b] = split
+    return [part for parts, _ in current for part in parts]
+
+
 def fold_labels(features: torch.Tensor, k: int, scores: torch.Tensor, blocks: list[list[int]],
                 seed: int, restarts: int) -> tuple[torch.Tensor, float]:
-    """Cluster labels for a fold to width k, honouring fixed blocks, and their weight error."""
+    """Cluster labels for a fold to exactly k clusters, honouring fixed blocks, and their weight error.
+
+    Blocks are never merged with each other or with free channels; when k exceeds the blocks plus
+    the free channels, blocks are split (``split_blocks``).
+    """
     n = features.shape[0]
     tied = {c for b in blocks for c in b}
     free = [c for c in range(n) if c not in tied]
+    if k > len(blocks) + len(free):
+        blocks = split_blocks(features, blocks, k - len(blocks) - len(free), seed, restarts)
     k_free = k - len(blocks)
-    if free and k_free < 1:
+    if k_free < (1 if free else 0):
         raise ShortcutTooNarrow(f"ratio too high for an option-A shortcut: {len(blocks)} pass-through clusters "
                                 f"leave no room in width {k}; use a lower ratio or --groups inner")
     labels = torch.empty(n, dtype=torch.long)
@@ -195,7 +226,7 @@ def fold_labels(features: torch.Tensor, k: int, scores: torch.Tensor, blocks: li
         starts = ()
         if 1 <= k_free - 1 < len(free):  # magnitude-pruning partition with k_free - 1 kept
             starts = (special_partition(len(free), top_k(sub_scores, k_free - 1)),)
-        result = cluster(sub, min(k_free, len(free)), seed=seed, restarts=restarts, start_partitions=starts)
+        result = cluster(sub, k_free, seed=seed, restarts=restarts, start_partitions=starts)
         labels[free] = result.labels + len(blocks)
         if not blocks:
             return labels, result.inertia
@@ -267,12 +298,17 @@ def compress_model(
     result = CompressionResult(work, method, ratio, seed, groups, repair)
     # bn-recalibrate: the uncompressed model's statistics on the calibration images, carried through every edit
     statistics = bn_statistics(work, calibration) if repair == "bn-recalibrate" else None
+    ledger = WidthLedger()  # every width the records state, checked against the model at the end
     with torch.no_grad():
         for view in adapter.groups():
-            result.groups.append(_compress_group(view, method, ratios.get(view.name, ratio), groups, seed, restarts,
-                                                 round_to, repair == "fold-ar", statistics))
+            ledger.register(view.weighted_items)
+            record = _compress_group(view, method, ratios.get(view.name, ratio), groups, seed, restarts,
+                                     round_to, repair == "fold-ar", statistics)
+            ledger.narrow(view.weighted_items, record.width - record.kept)
+            result.groups.append(record)
             if progress:
                 progress(1)
+    ledger.check(work)
     unknown = set(ratios) - {g.name for g in result.groups}
     if unknown:
         raise BadInput(f"group ratio(s) for unknown group(s) {', '.join(sorted(unknown))}; see `foldship inspect` for group names")

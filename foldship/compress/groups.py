@@ -71,6 +71,7 @@ class GroupItem:
     module: nn.Module
     axis: str  # "out": producer side / per-channel op; "in": consumer side
     table: torch.Tensor  # (n, e): the module's indices for each of the group's n channels
+    dim: int = 0  # an unwrapped nn.Parameter's channel dim (Torch-Pruning's pruning dim); 0 for modules
 
     @property
     def weightless(self) -> bool:
@@ -133,10 +134,12 @@ class TracedGroup(GroupView):
         self.items = []
         graph = adapter.graph
         for item in tp_group.items:
-            module = item.dep.target.module
+            target = item.dep.target
+            module = target.module
             axis = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            dim = target.pruning_dim if isinstance(module, nn.Parameter) else 0
             self.items.append(GroupItem(adapter.names.get(module, type(module).__name__), module, axis,
-                                        _index_table(item.idxs, item.root_idxs, self.size)))
+                                        _index_table(item.idxs, item.root_idxs, self.size), dim))
         self.kind = "stream" if any(_is_add(i.module) for i in self.items) else "inner"
 
     def remove(self, channels: Sequence[int]) -> None:
@@ -247,7 +250,8 @@ class DependencyAdapter:
 
     def __init__(self, model: nn.Module, example_inputs, protected: Sequence[nn.Module] = ()):
         self.model = model
-        self.names = {m: n for n, m in model.named_modules()}
+        # parameters too: an unwrapped nn.Parameter (a layer scale) is a group item of its own
+        self.names = {p: n for n, p in model.named_parameters()} | {m: n for n, m in model.named_modules()}
         self.protected = list(protected)
         self.order, self.norm_after = trace_layers(model, example_inputs)
         self.specs = [spec for finder in GROUP_FINDERS for spec in finder(model)]
