@@ -2,6 +2,7 @@
 plain tensor ops or the papers' width formula, never read back from the engine."""
 from __future__ import annotations
 
+import importlib
 import tempfile
 from pathlib import Path
 
@@ -144,3 +145,197 @@ def test_random_group_ratios_give_the_recorded_widths_in_torch_and_onnx(name, da
         shapes[method] = conv_widths(result.model)
     assert shapes["fold"] == shapes["prune-l2"]
     assert onnx_weight_shapes(result.model, x) == list(shapes["fold"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 4: BatchNorm pairing in a pre-activation net
+
+
+class PreActNet(nn.Module):
+    """Two pre-activation residual blocks: BN -> ReLU -> conv, BN -> ReLU -> conv, plus the input.
+    The first block adds its input in place (``out += x``, as pre-activation ResNets are often
+    written); the second adds into a fresh tensor made after the conv output was freed."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        for i in range(1, 5):
+            setattr(self, f"bn{i}", nn.BatchNorm2d(width))
+            setattr(self, f"conv{i}", nn.Conv2d(width, width, 3, padding=1, bias=False))
+        self.final = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
+        out += x
+        y = self.conv4(F.relu(self.bn4(self.conv3(F.relu(self.bn3(out))))))
+        y = y * 1.0
+        x = out + y
+        return self.head(F.relu(self.final(x)).mean((2, 3)))
+
+
+def test_bn_pairs_only_with_a_layer_whose_output_it_alone_reads():
+    from foldship.compress.groups import DependencyAdapter
+
+    torch.manual_seed(0)
+    model, x = randomise_bn(PreActNet()), torch.randn(2, 3, 8, 8)
+    norm_after = DependencyAdapter(model, x, [model.head]).norm_after
+    names = {m: n for n, m in model.named_modules()}
+    # bn1 reads the stem's output, but so does the first residual add; bn3 reads conv2's output
+    # after the in-place add; final reads a sum made after conv4's output was freed.
+    assert {names[p]: names[bn] for p, bn in norm_after.items()} == {"conv1": "bn2", "conv3": "bn4"}
+
+
+def test_fold_ar_normalisation_keeps_a_pre_activation_net_exactly():
+    from foldship.compress.groups import DependencyAdapter, output_layers
+    from foldship.compress.repairs import normalise_producers
+
+    torch.manual_seed(0)
+    model, x = randomise_bn(PreActNet()), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        for view in DependencyAdapter(model, x, output_layers(model, x)).groups():
+            normalise_producers(view)
+        after = model(x)
+    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------
+# Items 5 and 8: merges checked against cluster means and sums computed here, for hand-picked
+# (non-duplicate) clusterings, on every kind of group
+
+
+def merged(t: torch.Tensor, dim: int, labels: list[int], how: str, e: int = 1) -> torch.Tensor:
+    """Cluster means or sums of ``t``'s slices along ``dim`` (each channel ``e`` consecutive
+    indices), clusters in label order."""
+    labels = torch.tensor(labels)
+    moved = t.detach().movedim(dim, 0)
+    blocks = moved.reshape(len(labels), e, *moved.shape[1:])
+    out = torch.stack([getattr(blocks[labels == c], how)(0) for c in range(int(labels.max()) + 1)])
+    return out.reshape(-1, *moved.shape[1:]).movedim(0, dim)
+
+
+def fold_with_labels(model: nn.Module, x, group: str, labels: list[int], monkeypatch) -> nn.Module:
+    """``model`` folded in ``group`` only, to the clusters ``labels`` gives (first member first)."""
+    engine = importlib.import_module("foldship.compress.engine")  # foldship.compress is also a function
+    n, k = len(labels), max(labels) + 1
+    monkeypatch.setattr(engine, "fold_labels", lambda features, width, *rest: (torch.tensor(labels), 0.0))
+    ratios = {g.name: 0.0 for g in channel_groups(model, x)} | {group: (n - k - 0.5) / n}
+    result = compress_model(model, x, "fold", 0.5, group_ratios=ratios, restarts=1)
+    assert {g.name: g.kept for g in result.groups if g.action == "folded"} == {group: k}
+    return result.model
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_inner_and_concat_groups_merge_to_cluster_means_and_sums(zoo, monkeypatch):
+    model, x = zoo["residual_concat"]
+    a = [0, 1, 0, 2, 1, 3, 3, 0]  # group "a": conv a (bias) -> a_bn -> conv b's columns
+    small = fold_with_labels(model, x, "a", a, monkeypatch)
+    assert close(small.a.weight, merged(model.a.weight, 0, a, "mean"))
+    assert close(small.a.bias, merged(model.a.bias, 0, a, "mean"))
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert close(getattr(small.a_bn, name), merged(getattr(model.a_bn, name), 0, a, "mean"))
+    assert close(small.b.weight, merged(model.b.weight, 1, a, "sum"))
+    assert close(small.b_bn.weight, model.b_bn.weight)  # b's outputs are another group: untouched
+    right = [0, 1, 1, 0]  # concat segment: mix's input columns 8..11
+    small = fold_with_labels(model, x, "right", right, monkeypatch)
+    assert close(small.right.weight, merged(model.right.weight, 0, right, "mean"))
+    assert close(small.mix.weight, torch.cat([model.mix.weight[:, :8], merged(model.mix.weight[:, 8:], 1, right, "sum")], 1))
+
+
+def test_a_residual_stream_merges_every_coupled_tensor(zoo, monkeypatch):
+    model, x = zoo["residual_concat"]
+    stem = [0, 0, 1, 2, 1, 3, 4, 2]
+    small = fold_with_labels(model, x, "stem", stem, monkeypatch)
+    for producer in ("stem", "b"):  # both write the stream (the residual add)
+        assert close(getattr(small, producer).weight, merged(getattr(model, producer).weight, 0, stem, "mean"))
+    for norm in ("stem_bn", "b_bn"):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            assert close(getattr(getattr(small, norm), name), merged(getattr(getattr(model, norm), name), 0, stem, "mean"))
+    for consumer in ("a", "left", "right"):
+        assert close(getattr(small, consumer).weight, merged(getattr(model, consumer).weight, 1, stem, "sum"))
+
+
+def test_an_option_a_stream_merge_reroutes_the_shortcut_to_each_representative(zoo, monkeypatch):
+    model, x = zoo["cifar_resnet20"]
+    stem = [0, 1, 2, 3, 0, 1, 4, 5, 2, 6, 7, 3, 4, 5, 6, 7]  # 8 pairs, not neighbours
+    small = fold_with_labels(model, x, "conv1", stem, monkeypatch)
+    assert close(small.conv1.weight, merged(model.conv1.weight, 0, stem, "mean"))
+    assert close(small.layer1[2].conv2.weight, merged(model.layer1[2].conv2.weight, 0, stem, "mean"))
+    assert close(small.layer2[0].conv1.weight, merged(model.layer2[0].conv1.weight, 1, stem, "sum"))
+    # Stream 2's pass-through slot 8 + i read channel i; it now reads the folded channel of i's cluster.
+    shortcut = small.layer2[0].shortcut
+    assert shortcut.gather_index[8:24].tolist() == stem and shortcut.keep_mask[8:24].tolist() == [1.0] * 16
+
+
+def test_a_depthwise_group_merges_expansion_rows_depthwise_filters_and_projection_columns(monkeypatch):
+    torch.manual_seed(0)
+    model, x = randomise_bn(TinyMobileNet()), torch.randn(2, 3, 16, 16)
+    labels = [0, 1, 2, 0, 3, 4, 1, 5, 2, 6, 7, 3, 8, 9, 9, 4, 5, 6, 7, 8, 0, 1, 2, 3]  # 24 -> 10
+    block = "blocks.1"
+    small = fold_with_labels(model, x, f"{block}.expand.0", labels, monkeypatch)
+    new, old = small.get_submodule(block), model.get_submodule(block)
+    assert close(new.expand[0].weight, merged(old.expand[0].weight, 0, labels, "mean"))
+    assert close(new.depthwise[0].weight, merged(old.depthwise[0].weight, 0, labels, "mean"))
+    for bn in ("expand", "depthwise"):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            assert close(getattr(getattr(new, bn)[1], name), merged(getattr(getattr(old, bn)[1], name), 0, labels, "mean"))
+    assert close(new.project[0].weight, merged(old.project[0].weight, 1, labels, "sum"))
+    assert new.depthwise[0].groups == 10
+
+
+class LayerScaleNet(nn.Module):
+    """A ConvNeXt-style per-channel layer scale, shape (C, 1, 1), inside a foldable group."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.expand = nn.Conv2d(8, 6, 1)
+        self.scale = nn.Parameter(torch.rand(6, 1, 1) + 0.5)
+        self.project = nn.Conv2d(6, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.expand(torch.relu(self.stem(x)))) * self.scale
+        return self.head(torch.relu(self.project(h)).mean((2, 3)))
+
+
+def test_a_layer_scale_parameter_merges_along_its_channel_dim(monkeypatch):
+    torch.manual_seed(0)
+    model, x = LayerScaleNet().eval(), torch.randn(2, 3, 8, 8)
+    labels = [0, 1, 0, 2, 2, 1]
+    small = fold_with_labels(model, x, "expand", labels, monkeypatch)
+    assert close(small.scale, merged(model.scale, 0, labels, "mean")) and small.scale.shape == (3, 1, 1)
+    assert close(small.expand.weight, merged(model.expand.weight, 0, labels, "mean"))
+    assert close(small.project.weight, merged(model.project.weight, 1, labels, "sum"))
+
+
+def llama(heads: int = 4, kv_heads: int = 2):
+    from foldship.models.hf import llama_decoder
+
+    model = llama_decoder(hidden_size=64, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                          intermediate_size=24, num_hidden_layers=1)
+    return model, model.example_inputs(2)
+
+
+def test_llama_mlp_and_grouped_query_heads_merge_to_means_and_sums(monkeypatch):
+    model, x = llama()
+    layer = "hf.model.layers.0"
+    mlp = [0, 1, 2, 0, 3, 1, 4, 5, 2, 6, 3, 7, 4, 5, 6, 7, 8, 9, 8, 9, 0, 1, 2, 3]  # 24 -> 10
+    small = fold_with_labels(model, x, f"{layer}.mlp.gate_proj", mlp, monkeypatch)
+    new, old = small.get_submodule(f"{layer}.mlp"), model.get_submodule(f"{layer}.mlp")
+    for producer in ("gate_proj", "up_proj"):
+        assert close(getattr(new, producer).weight, merged(getattr(old, producer).weight, 0, mlp, "mean"))
+    assert close(new.down_proj.weight, merged(old.down_proj.weight, 1, mlp, "sum"))
+    # Heads under GQA: a channel is one KV head (16 dims) and its two query heads (32 dims).
+    heads = [0, 0]
+    small = fold_with_labels(model, x, f"{layer}.self_attn", heads, monkeypatch)
+    new, old = small.get_submodule(f"{layer}.self_attn"), model.get_submodule(f"{layer}.self_attn")
+    assert close(new.q_proj.weight, merged(old.q_proj.weight, 0, heads, "mean", e=32))
+    assert close(new.k_proj.weight, merged(old.k_proj.weight, 0, heads, "mean", e=16))
+    assert close(new.v_proj.weight, merged(old.v_proj.weight, 0, heads, "mean", e=16))
+    assert close(new.o_proj.weight, merged(old.o_proj.weight, 1, heads, "sum", e=32))

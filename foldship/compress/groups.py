@@ -253,7 +253,7 @@ class DependencyAdapter:
         # parameters too: an unwrapped nn.Parameter (a layer scale) is a group item of its own
         self.names = {p: n for n, p in model.named_parameters()} | {m: n for n, m in model.named_modules()}
         self.protected = list(protected)
-        self.order, self.norm_after = trace_layers(model, example_inputs)
+        self.order = trace_layers(model, example_inputs)
         self.specs = [spec for finder in GROUP_FINDERS for spec in finder(model)]
         modules = dict(model.named_modules())
         self.hidden = [modules[name] for spec in self.specs for name in spec.hide]
@@ -266,6 +266,7 @@ class DependencyAdapter:
             raise BadInput(f"cannot trace the model to find its channel groups ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the input shape and that "
                            f"forward() runs on it") from exc
+        self.norm_after = norms_after(self.graph)
 
     def groups(self) -> Iterator[GroupView]:
         """Fresh groups in execution order, then finder groups; safe to edit the model between yields."""
@@ -286,38 +287,45 @@ class DependencyAdapter:
             yield ManualGroup(self, spec)
 
 
-def trace_layers(model: nn.Module, example_inputs) -> tuple[list[nn.Module], dict[nn.Module, nn.Module]]:
-    """Conv/linear layers in first-run order, and the BatchNorm that directly normalises each one's output."""
+def trace_layers(model: nn.Module, example_inputs) -> list[nn.Module]:
+    """Conv/linear layers in first-run order."""
     order: list[nn.Module] = []
-    produced_by: dict[int, nn.Module] = {}
-    norm_after: dict[nn.Module, nn.Module] = {}
 
     def on_layer(module, inputs, output):
         if module not in order:
             order.append(module)
-        produced_by[id(output)] = module
-
-    def on_norm(module, inputs):
-        producer = produced_by.get(id(inputs[0]))
-        if producer is not None:
-            norm_after.setdefault(producer, module)
 
     hooks = [m.register_forward_hook(on_layer) for m in model.modules()
              if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
-    hooks += [m.register_forward_pre_hook(on_norm) for m in model.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
         with torch.no_grad():
             model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
     finally:
         for h in hooks:
             h.remove()
-    return order, norm_after
+    return order
+
+
+def norms_after(graph: tp.DependencyGraph) -> dict[nn.Module, nn.Module]:
+    """Each conv/linear layer whose output goes to one BatchNorm and nowhere else, and that BN.
+
+    Read off the traced graph: a layer whose output also feeds a residual add (a pre-activation
+    net's stem, or a block output added to in place) is not paired, as rescaling it would change
+    what the add sees.
+    """
+    pairs = {}
+    for module, node in graph.module2node.items():
+        consumers = {id(out.module): out.module for out in node.outputs}
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) and len(consumers) == 1:
+            (consumer,) = consumers.values()
+            if isinstance(consumer, nn.modules.batchnorm._BatchNorm):
+                pairs[module] = consumer
+    return pairs
 
 
 def output_layers(model: nn.Module, example_inputs) -> list[nn.Module]:
     """The last conv/linear layer to run: the classifier, whose outputs are never compressed."""
-    return trace_layers(model, example_inputs)[0][-1:]
+    return trace_layers(model, example_inputs)[-1:]
 
 
 def channel_groups(model: nn.Module, example_inputs, protected: Sequence[nn.Module] | None = None) -> list[ChannelGroup]:
