@@ -339,3 +339,28 @@ def test_llama_mlp_and_grouped_query_heads_merge_to_means_and_sums(monkeypatch):
     assert close(new.k_proj.weight, merged(old.k_proj.weight, 0, heads, "mean", e=16))
     assert close(new.v_proj.weight, merged(old.v_proj.weight, 0, heads, "mean", e=16))
     assert close(new.o_proj.weight, merged(old.o_proj.weight, 1, heads, "sum", e=32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 9: Fold-AR says per group whether it applies
+
+
+def test_fold_ar_is_reported_not_applicable_where_no_bn_alone_follows_a_producer():
+    from foldship.pipeline.report import repair_line
+
+    torch.manual_seed(0)
+    model, x = randomise_bn(PreActNet()), torch.randn(2, 3, 8, 8)
+    result = compress_model(model, x, "fold", 0.5, repair="fold-ar", restarts=1)
+    # conv1 -> bn2 and conv3 -> bn4 are the only BNs that alone read a producer's output.
+    assert {g.name: g.repair for g in result.groups} == {
+        "stem": "not applicable: no BatchNorm follows a producer", "conv1": "fold-ar", "conv3": "fold-ar"}
+    model, x = llama()
+    result = compress_model(model, x, "fold", 0.5, repair="fold-ar", restarts=1)
+    folded = [g for g in result.groups if g.action == "folded"]  # the RMSNorm-coupled stream stays whole
+    assert {g.kind for g in folded} == {"inner", "heads"} and all(
+        g.repair == "not applicable: no BatchNorm follows a producer" for g in folded)
+    report = {"repair": "fold-ar", "compression": {"groups": [
+        {"name": "conv1", "repair": "fold-ar"}, {"name": "stem", "repair": "not applicable: no BatchNorm follows a producer"},
+        {"name": "layer9", "repair": None}]}}
+    assert repair_line(report) == ("fold-ar (applied to 1 of 2 compressed groups; not applicable to stem: "
+                                   "no BatchNorm follows a producer)")

@@ -37,6 +37,7 @@ class GroupRecord:
     action: str  # "folded", "pruned", or why it was left whole
     weight_error: float | None = None  # ||W - P W||^2 on the group's features
     relative_error: float | None = None
+    repair: str | None = None  # on a compressed group: the repair applied, or why it is not applicable
 
 
 @dataclass
@@ -233,6 +234,22 @@ def fold_labels(features: torch.Tensor, k: int, scores: torch.Tensor, blocks: li
     return labels, inertia(features, labels, int(labels.max()) + 1)
 
 
+def repair_note(view: GroupView, method: str, repair: str) -> str:
+    """What ``repair`` does to one compressed group: its name when it applies, else why it does not.
+
+    Fold-AR rescales the BN that alone reads a producer's output; groups with none (transformer
+    MLPs and heads, pre-activation streams) are left as plain fold leaves them.
+    """
+    if repair == "fold-ar":
+        if method != "fold":
+            return "not applicable: pruning merges no channels"
+        return repair if norm_pairs(view) else "not applicable: no BatchNorm follows a producer"
+    if repair == "bn-recalibrate" and not any(isinstance(item.module, nn.modules.batchnorm._BatchNorm)
+                                              for item in view.weighted_items):
+        return "not applicable: no BatchNorm in the group"
+    return repair
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` is the GPU when PyTorch sees one, else the CPU; asking for a missing GPU is bad input."""
     name = str(device)
@@ -305,6 +322,8 @@ def compress_model(
             record = _compress_group(view, method, ratios.get(view.name, ratio), groups, seed, restarts,
                                      round_to, repair == "fold-ar", statistics)
             ledger.narrow(view.weighted_items, record.width - record.kept)
+            if record.action in ("folded", "pruned"):
+                record.repair = repair_note(view, method, repair)
             result.groups.append(record)
             if progress:
                 progress(1)

@@ -128,7 +128,7 @@ def render_markdown(report: dict) -> str:
     if speed:
         lines += [speed, ""]
     if report.get("residual_streams"):
-        lines += [f"Repair: {report['repair']}. Groups: {report['groups_policy']} "
+        lines += [f"Repair: {repair_line(report)}. Groups: {report['groups_policy']} "
                   f"({report['compression']['groups_compressed']} of {len(report['compression']['groups'])} "
                   f"compressed); residual streams {report['residual_streams']}; seed {report['seed']}.", ""]
     lines += ["![latency distributions](latency.png)", ""]
@@ -153,6 +153,18 @@ def render_markdown(report: dict) -> str:
               f"{env['packages']['onnxruntime']}, {env['cpu']} ({env['cpu_count']} cores)"
               + (f", GPU {env['gpu']['name']}" if env.get("gpu") else "") + ".", ""]
     return "\n".join(lines)
+
+
+def repair_line(report: dict) -> str:
+    """The repair, and the compressed groups it does not apply to (e.g. Fold-AR where no BN follows)."""
+    compressed = [g for g in report["compression"]["groups"] if g.get("repair")]
+    skipped = [g for g in compressed if g["repair"].startswith("not applicable")]
+    if report["repair"] == "none" or not skipped:
+        return report["repair"]
+    reasons = sorted({g["repair"].split(": ", 1)[1] for g in skipped})
+    names = ", ".join(g["name"] for g in skipped[:6]) + (", ..." if len(skipped) > 6 else "")
+    return (f"{report['repair']} (applied to {len(compressed) - len(skipped)} of {len(compressed)} compressed "
+            f"groups; not applicable to {names}: {'; '.join(reasons)})")
 
 
 def budget_lines(budget: dict | None) -> list[str]:
