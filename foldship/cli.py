@@ -35,10 +35,14 @@ GATE_OPTIONS = {  # shared by build and validate; each fails the run with exit 3
 
 
 TARGET_HELP = {
-    "macs": "Budget: choose per-group widths so MACs are at most this fraction of the baseline (overrides --ratio).",
+    "macs": "Budget: choose per-group widths so MACs are at most this fraction of the baseline (instead of "
+            "--ratio; replaces a config file's ratio, other target and group_ratios).",
     "latency": "Budget: choose per-group widths so ONNX Runtime CPU latency (batch 16, this machine) is at most "
-               "this fraction of the baseline's (overrides --ratio).",
+               "this fraction of the baseline's (instead of --ratio; replaces a config file's ratio, other "
+               "target and group_ratios).",
 }
+RATIO_HELP = ("Fraction of channels removed per group, in (0, 1). Given here it replaces a config file's "
+              "target_macs/target_latency; with --target-macs/--target-latency it is refused (exit 2).")
 ROUND_TO_HELP = ("Kept widths a multiple of this (8 suits CPU/GPU kernels); default 1, or 8 with "
                  "--target-macs/--target-latency.")
 CHECKPOINT_MAP_HELP = ("How checkpoint names meet the model's: names (default) or by-order (i-th tensor to i-th, "
@@ -77,7 +81,7 @@ def build(
     model: Optional[str] = typer.Option(None, help="cifar_resnet20..cifar_resnet110, torchvision:<name>, timm:<name> or hf:<id>."),
     checkpoint: Optional[str] = typer.Option(None, help="Trained weights: .th/.pt/.pth state dict or .safetensors."),
     method: Optional[str] = typer.Option(None, help="fold (cluster and merge channels), prune-l1 or prune-l2."),
-    ratio: Optional[float] = typer.Option(None, help="Fraction of channels removed per group, in (0, 1)."),
+    ratio: Optional[float] = typer.Option(None, help=RATIO_HELP),
     groups: Optional[str] = typer.Option(None, help="all: every group (paper); inner: keep residual streams whole."),
     repair: Optional[str] = typer.Option(None, help="none (calibration-free), fold-ar (data-free variance correction of "
                                                    "merged clusters; the identity for pruning) "

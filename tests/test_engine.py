@@ -364,3 +364,25 @@ def test_fold_ar_is_reported_not_applicable_where_no_bn_alone_follows_a_producer
         {"name": "layer9", "repair": None}]}}
     assert repair_line(report) == ("fold-ar (applied to 1 of 2 compressed groups; not applicable to stem: "
                                    "no BatchNorm follows a producer)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 2: a ratio flag wins over a config file's budget target
+
+
+def test_a_ratio_override_replaces_the_files_target_and_a_target_override_replaces_its_ratio(tmp_path):
+    from foldship.errors import BadInput
+    from foldship.pipeline.config import load_config
+
+    path = tmp_path / "budget.yaml"
+    path.write_text("target_macs: 0.8\nratio: 0.2\n")
+    assert (load_config(path).target_macs, load_config(path).ratio) == (0.8, 0.2)
+    flagged = load_config(path, ratio=0.125)
+    assert (flagged.ratio, flagged.target_macs, flagged.target_latency) == (0.125, None, None)
+    path.write_text("ratio: 0.2\ntarget_macs: 0.8\ngroup_ratios: {conv1: 0.1}\n")
+    with pytest.raises(BadInput, match="drop group_ratios or the target"):
+        load_config(path)
+    latency = load_config(path, target_latency=0.7)  # the file's other target and group ratios give way
+    assert (latency.target_latency, latency.target_macs, latency.group_ratios) == (0.7, None, {})
+    with pytest.raises(BadInput, match=r"^--ratio 0.5 and --target-latency 0.7 both given"):
+        load_config(path, ratio=0.5, target_latency=0.7)
