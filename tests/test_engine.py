@@ -386,3 +386,89 @@ def test_a_ratio_override_replaces_the_files_target_and_a_target_override_replac
     assert (latency.target_latency, latency.target_macs, latency.group_ratios) == (0.7, None, {})
     with pytest.raises(BadInput, match=r"^--ratio 0.5 and --target-latency 0.7 both given"):
         load_config(path, ratio=0.5, target_latency=0.7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 3: calibration images never include near-copies of the evaluation images
+
+
+def test_planted_near_copies_are_dropped_and_distinct_lookalikes_kept(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from foldship.data import calibration_images, load_images
+    from foldship.models.registry import Preprocessing
+
+    from .conftest import CIFAR_JPEG, CIFAR_LOSSLESS
+
+    lossless, jpeg = np.load(CIFAR_LOSSLESS)["x"], np.load(CIFAR_JPEG)["x"]
+    # Distinct pictures that share a background with an evaluated one (their 8x8 thumbnails are
+    # within 12 grey levels), each with that evaluated image; none is a copy of any of the 1,000.
+    lookalikes = [340, 412, 503, 507, 727, 2438, 2565, 2684, 4836, 4976, 6141, 6226, 6867, 8874]
+    partners = [342, 269, 537, 447, 309, 559, 872, 756, 772, 757]
+    evaluated = list(range(10)) + partners
+
+    def reencoded(image: np.ndarray, quality: int) -> np.ndarray:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+        return np.asarray(Image.open(buffer).convert("RGB"))
+
+    noise = np.random.default_rng(0).normal(0, 4, (5, 32, 32, 3))
+    planted = [reencoded(lossless[i], q) for i, q in zip(range(5), (95, 75, 50, 30, 20))] + \
+        [np.clip(lossless[5 + i] + noise[i], 0, 255).astype(np.uint8) for i in range(5)]
+    pool = np.stack(planted[:5] + [jpeg[i] for i in lookalikes] + planted[5:] + list(lossless[500:530]))
+    np.savez(tmp_path / "evaluation.npz", x=lossless[evaluated], y=np.zeros(len(evaluated), dtype=np.int64))
+    np.savez(tmp_path / "calibration.npz", x=pool)
+    evaluation = load_images(tmp_path / "evaluation.npz", Preprocessing())
+    chosen = calibration_images(tmp_path / "calibration.npz", Preprocessing(), evaluation, count=1000)
+    assert (chosen.read, chosen.near_copies, len(chosen)) == (54, 10, 44)
+    everything = load_images(tmp_path / "calibration.npz", Preprocessing(), require_labels=False).x
+    assert torch.equal(chosen.x, everything[[i for i in range(54) if not (i < 5 or 19 <= i < 24)]])
+
+
+def test_cifar_calibration_drops_exactly_the_jpeg_copies_of_the_evaluated_images(cifar_eval):
+    import numpy as np
+
+    from foldship.data.datasets import near_duplicates, read_raw
+    from foldship.models.registry import Preprocessing
+
+    from .conftest import CIFAR_JPEG, CIFAR_LOSSLESS
+
+    # Ground truth from the files' index arrays: the lossless set is the first 1,000 test images in
+    # official order; the JPEG set names each image by class and its rank within the class.
+    lossless, jpeg = np.load(CIFAR_LOSSLESS), np.load(CIFAR_JPEG)
+    assert lossless["test_index"].tolist() == list(range(1000))
+    labels = lossless["y"]
+    rank = [int((labels[:i] == labels[i]).sum()) for i in range(1000)]
+    position = {(int(c), int(r)): j for j, (c, r) in enumerate(zip(jpeg["y"], jpeg["index_within_class"]))}
+    copies = sorted(position[(int(labels[i]), rank[i])] for i in range(1000))
+    pool, _ = read_raw(CIFAR_JPEG, Preprocessing())
+    dropped = torch.nonzero(near_duplicates(pool, cifar_eval.raw)).flatten().tolist()
+    assert dropped == copies
+
+
+def test_calibrating_on_the_imagenet_folder_leaves_exactly_the_images_not_evaluated():
+    from foldship.data import calibration_images, load_images
+    from foldship.data.datasets import normalise, read_raw
+    from foldship.models.registry import Preprocessing
+
+    from .conftest import SHARED
+
+    folder = SHARED / "imagenet_sample"
+    preprocessing = Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3, resize=224, crop=224, interpolation="bicubic")
+    evaluation = load_images(folder, preprocessing, limit=500)  # --data imagenet_sample --limit 500
+    chosen = calibration_images(folder, preprocessing, evaluation, count=1000)
+    assert (chosen.read, chosen.near_copies, len(chosen)) == (1000, 500, 500)
+    everything, _ = read_raw(folder, preprocessing)
+    assert torch.equal(chosen.x, normalise(everything[500:], preprocessing))
+
+
+def test_the_report_states_calibration_images_used_and_near_copies_dropped():
+    from foldship.pipeline.report import calibration_note
+
+    report = {"data": {"calibration": {"path": "cal.npz", "images": 512, "read": 10000, "dropped_near_copies": 1000}}}
+    assert calibration_note(report) == " Calibration: 512 of cal.npz's 10000 images, 1000 dropped as near-copies of " \
+                                       "the evaluation images."
+    assert calibration_note({"data": {"calibration": None}}) == ""

@@ -60,10 +60,11 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress)
     with progress.stage("load data") as advance:
         data = load_images(config.data, loaded.preprocessing, config.limit, loaded.num_classes,
                            input_shape=loaded.input_shape, progress=advance)
-        calibration = None
+        chosen = None  # calibration images, near-copies of the evaluation images left out
         if config.calibration_data:
-            calibration = calibration_images(config.calibration_data, loaded.preprocessing, data,
-                                             config.calibration_count, config.seed)
+            chosen = calibration_images(config.calibration_data, loaded.preprocessing, data,
+                                        config.calibration_count, config.seed)
+        calibration = None if chosen is None else chosen.x
     example = loaded.example_inputs(2)
     with progress.stage(f"compress ({config.method})", total=None) as advance:
         budget = plan_budget(loaded.model, example, config.method, config.target_macs, config.target_latency,
@@ -111,8 +112,7 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress)
                   "input_shape": list(loaded.input_shape), "num_classes": loaded.num_classes,
                   "preprocessing": asdict(loaded.preprocessing)},
         "data": {"path": data.source, "images": len(data),
-                 "calibration": None if calibration is None else
-                 {"path": config.calibration_data, "images": len(calibration), "disjoint_from_evaluation": True}},
+                 "calibration": None if chosen is None else chosen.summary()},
         "method": config.method,
         "ratio": config.ratio,
         "seed": config.seed,

@@ -148,6 +148,15 @@ def read_yaml(path: str | Path | None) -> dict:
 TARGETS = ("target_macs", "target_latency")
 
 
+def refuse_ratio_with_target(given: dict) -> None:
+    """Refuse a ratio and a budget target given together (as flags or overrides; None: not given)."""
+    target = next((name for name in TARGETS if given.get(name) is not None), None)
+    if given.get("ratio") is not None and target:
+        raise BadInput(f"--ratio {given['ratio']} and --{target.replace('_', '-')} {given[target]} both given: a "
+                       f"ratio removes the same fraction from every group, a target chooses each group's width; "
+                       f"give one of them")
+
+
 def load_config(path: str | Path | None = None, **overrides) -> BuildConfig:
     """Defaults <- YAML file <- overrides (None values are ignored).
 
@@ -157,11 +166,8 @@ def load_config(path: str | Path | None = None, **overrides) -> BuildConfig:
     """
     values = read_yaml(path)
     given = {k: v for k, v in overrides.items() if v is not None}
+    refuse_ratio_with_target(given)
     targets = [name for name in TARGETS if name in given]
-    if "ratio" in given and targets:
-        flag = targets[0].replace("_", "-")
-        raise BadInput(f"--ratio {given['ratio']} and --{flag} {given[targets[0]]} both given: a ratio removes the "
-                       f"same fraction from every group, a target chooses each group's width; give one of them")
     if "ratio" in given or targets:  # what the file chose instead is dropped
         for name in (TARGETS if "ratio" in given else [t for t in TARGETS if t not in targets] + ["group_ratios"]):
             values.pop(name, None)

@@ -144,7 +144,7 @@ def render_markdown(report: dict) -> str:
         lines += [f"Not validated: {skipped['name']} ({skipped['reason']}).", ""]
     protocol, env = report["latency_protocol"], report["environment"]
     lines += ["## Protocol and environment", "",
-              f"- Data: {report['data']['path']} ({report['data']['images']} images).",
+              f"- Data: {report['data']['path']} ({report['data']['images']} images)." + calibration_note(report),
               f"- Latency: {protocol['warmup']} warm-up runs, then at least {protocol['min_runs']} runs and "
               f"{protocol['min_seconds']} s per measurement; {protocol['order']}; {protocol['threads']} threads; "
               f"ONNX Runtime optimization {protocol['onnxruntime']['optimization']}, spinning "
@@ -153,6 +153,15 @@ def render_markdown(report: dict) -> str:
               f"{env['packages']['onnxruntime']}, {env['cpu']} ({env['cpu_count']} cores)"
               + (f", GPU {env['gpu']['name']}" if env.get("gpu") else "") + ".", ""]
     return "\n".join(lines)
+
+
+def calibration_note(report: dict) -> str:
+    """How many calibration images were used, and how many near-copies of evaluation images were left out."""
+    calibration = report["data"].get("calibration")
+    if not calibration:
+        return ""
+    return (f" Calibration: {calibration['images']} of {calibration['path']}'s {calibration['read']} images, "
+            f"{calibration['dropped_near_copies']} dropped as near-copies of the evaluation images.")
 
 
 def repair_line(report: dict) -> str:
