@@ -472,3 +472,24 @@ def test_the_report_states_calibration_images_used_and_near_copies_dropped():
     assert calibration_note(report) == " Calibration: 512 of cal.npz's 10000 images, 1000 dropped as near-copies of " \
                                        "the evaluation images."
     assert calibration_note({"data": {"calibration": None}}) == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 6: the budget's second pass measures what the build ships
+
+
+def test_the_second_pass_folds_each_group_once_from_its_original_channels():
+    from foldship.compress.budget import plan_budget
+
+    from .test_budget import TwinNet
+
+    model, example = TwinNet().eval(), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plan = plan_budget(model, example, "fold", target_macs=0.85)
+    alone, context = ({g.name: g for g in groups} for groups in (plan.first_pass, plan.groups))
+    # The first pass narrowed one twin only, so in the second pass that group, narrowed below its
+    # first-pass width from its original channels with every other group whole, is the very
+    # model the first pass measured at that width: the damages must add up exactly.
+    assert [name for name, g in alone.items() if g.width < g.size] == ["a"] and context["a"].damage
+    measured_alone = dict(alone["a"].damage)
+    for width, added in context["a"].damage:
+        assert added + plan.first_pass_damage == pytest.approx(measured_alone[width], rel=1e-6, abs=1e-9)

@@ -50,6 +50,7 @@ class CompressionResult:
     repair: str = "none"
     groups: list[GroupRecord] = field(default_factory=list)
     seconds: float = 0.0
+    clusters: dict[str, torch.Tensor] = field(default_factory=dict)  # fold: each folded group's cluster labels
 
     @property
     def residual_streams(self) -> str:
@@ -278,12 +279,14 @@ def compress_model(
     calibration: torch.Tensor | None = None,
     device: str | torch.device = "auto",
     progress: Callable[[int], None] | None = None,
+    clusters: dict[str, torch.Tensor] | None = None,
 ) -> CompressionResult:
     """Compress a copy of ``model``; the input model is left unchanged.
 
     ``groups="inner"`` keeps residual streams whole; ``group_ratios`` overrides the ratio per
     group (by root module name); ``protected`` names modules whose outputs stay whole (default:
-    the classifier).
+    the classifier). ``clusters`` (fold) gives groups their cluster labels instead of clustering
+    them, as ``CompressionResult.clusters`` records them (the budget survey re-folds a model this way).
     """
     if method not in METHODS:
         raise BadInput(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -320,7 +323,7 @@ def compress_model(
         for view in adapter.groups():
             ledger.register(view.weighted_items)
             record = _compress_group(view, method, ratios.get(view.name, ratio), groups, seed, restarts,
-                                     round_to, repair == "fold-ar", statistics)
+                                     round_to, repair == "fold-ar", statistics, clusters or {}, result.clusters)
             ledger.narrow(view.weighted_items, record.width - record.kept)
             if record.action in ("folded", "pruned"):
                 record.repair = repair_note(view, method, repair)
@@ -338,7 +341,8 @@ def compress_model(
 
 
 def _compress_group(view: GroupView, method: str, ratio: float, policy: str, seed: int,
-                    restarts: int, round_to: int, fold_ar: bool, statistics: Statistics | None) -> GroupRecord:
+                    restarts: int, round_to: int, fold_ar: bool, statistics: Statistics | None,
+                    given: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> GroupRecord:
     n = view.size
     record = GroupRecord(view.name, view.kind, n, n, "kept")
     if policy == "inner" and view.kind == "stream":
@@ -364,7 +368,14 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
     total = squared_norm(features)
     labels = None
     if method == "fold":
-        labels, error = fold_labels(features, k, scores, fixed_blocks(view), seed, restarts)
+        labels = given.get(view.name)
+        if labels is not None and (len(labels) != n or int(labels.max()) + 1 != k):
+            raise ValueError(f"clusters given for group {view.name} do not fold {n} channels to {k}")
+        if labels is None:
+            labels, error = fold_labels(features, k, scores, fixed_blocks(view), seed, restarts)
+        else:
+            error = inertia(features, labels, k)
+        found[view.name] = labels
         # One factor per producer->BN pair, from that producer's own rows: a depthwise group's
         # expansion conv and depthwise conv each feed their own BN.
         factors = [variance_factors(producer_rows(view, [item]), labels) for item, _ in norm_pairs(view)] if fold_ar else None
