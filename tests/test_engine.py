@@ -90,12 +90,13 @@ class InvertedResidual(nn.Module):
 
 
 class TinyMobileNet(nn.Module):
-    def __init__(self, classes: int = 10):
+    def __init__(self, classes: int = 10, scale: int = 1):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
-        self.blocks = nn.Sequential(InvertedResidual(8, 8, 2, 1), InvertedResidual(8, 12, 3, 2),
-                                    InvertedResidual(12, 12, 3, 1))
-        self.head = nn.Linear(12, classes)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8 * scale, 3, 2, 1, bias=False), nn.BatchNorm2d(8 * scale), nn.ReLU6())
+        self.blocks = nn.Sequential(InvertedResidual(8 * scale, 8 * scale, 2, 1),
+                                    InvertedResidual(8 * scale, 12 * scale, 3, 2),
+                                    InvertedResidual(12 * scale, 12 * scale, 3, 1))
+        self.head = nn.Linear(12 * scale, classes)
 
     def forward(self, x):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
@@ -493,3 +494,101 @@ def test_the_second_pass_folds_each_group_once_from_its_original_channels():
     measured_alone = dict(alone["a"].damage)
     for width, added in context["a"].damage:
         assert added + plan.first_pass_damage == pytest.approx(measured_alone[width], rel=1e-6, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 7: fold at k never has more weight error than prune at k - 1, on every kind of group
+# (option-A streams excepted: their pass-through blocks are forced, see docs/engine.md)
+
+
+def only(model: nn.Module, x, group: str, width_: int, size: int, method: str):
+    ratios = {g.name: 0.0 for g in channel_groups(model, x)} | {group: (size - width_ - 0.5) / size}
+    result = compress_model(model, x, method, 0.5, group_ratios=ratios, restarts=1)
+    record = next(g for g in result.groups if g.name == group)
+    assert record.kept == width_ and record.action in ("folded", "pruned")
+    return record
+
+
+@pytest.mark.parametrize("kind", ["inner", "stream", "concat", "depthwise", "mlp", "heads"])
+def test_rank_distance_one_bound_through_the_engine_on_every_group_kind(kind, zoo):
+    torch.manual_seed(0)
+    if kind in ("mlp", "heads"):
+        model, x = llama(4, 4)
+        group, size, k = {"mlp": ("hf.model.layers.0.mlp.gate_proj", 24, 13),
+                          "heads": ("hf.model.layers.0.self_attn", 4, 2)}[kind]
+    elif kind == "depthwise":
+        model, x = randomise_bn(TinyMobileNet()), torch.randn(2, 3, 16, 16)
+        group, size, k = "blocks.1.expand.0", 24, 11
+    else:
+        model, x = zoo["residual_concat"]
+        group, size, k = {"inner": ("a", 8, 5), "stream": ("stem", 8, 4), "concat": ("right", 4, 2)}[kind]
+    folded, pruned = only(model, x, group, k, size, "fold"), only(model, x, group, k - 1, size, "prune-l2")
+    assert folded.kind == ("heads" if kind == "heads" else "stream" if kind == "stream" else "inner")
+    assert pruned.weight_error > 0 and folded.weight_error <= pruned.weight_error * (1 + 1e-9)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 8: duplicates built by hand, as a plain script would: each architecture built at twice its
+# width with every channel c of the original at c and c + n (producers copied, consumers' columns
+# halved), so the wide model computes what the original does and folding it at 0.5 must too.
+
+
+def widen(model: nn.Module, wide: nn.Module, concatenated: dict[str, list[int]] | None = None) -> nn.Module:
+    """Fill ``wide`` (the same architecture, every channel width doubled) with two copies of ``model``.
+
+    ``concatenated`` names weights whose inputs are a concatenation, with its segments' widths:
+    each segment is doubled in place.
+    """
+    layers = {name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    target = wide.state_dict()
+    with torch.no_grad():
+        for name, small in model.state_dict().items():
+            big = small.clone()
+            for dim, (n, n2) in enumerate(zip(small.shape, target[name].shape)):
+                if n2 == 2 * n:
+                    consumer = dim == 1 and name.rsplit(".", 1)[0] in layers and name.endswith("weight")
+                    segments = big.split((concatenated or {}).get(name, [n]) if dim == 1 else [n], dim)
+                    big = torch.cat([part for segment in segments for part in (segment, segment)], dim)
+                    big = big / (2 if consumer else 1)
+            if name.endswith("shortcut.gather_index"):  # option A: the copy slots read the copied inputs
+                big = torch.cat([small, small + model.get_submodule(name.rsplit(".", 1)[0]).in_channels])
+            elif name.endswith("shortcut.keep_mask"):
+                big = torch.cat([small, small])
+            assert big.shape == target[name].shape, name
+            target[name].copy_(big)
+    return wide.eval()
+
+
+def wide_pairs():
+    from foldship.models.hf import llama_decoder
+
+    from .conftest import ResidualConcatNet
+
+    torch.manual_seed(0)
+    llama_args = dict(intermediate_size=24, num_hidden_layers=1)
+    return {
+        "residual_concat": (lambda: randomise_bn(ResidualConcatNet()), lambda: ResidualConcatNet(width=16),
+                            torch.randn(2, 3, 8, 8), {"mix.weight": [8, 4]}),
+        "cifar_resnet20": (lambda: randomise_bn(CifarResNet(20)), lambda: CifarResNet(20, widths=(32, 64, 128)),
+                           torch.randn(2, 3, 16, 16), None),
+        "mobilenet": (lambda: randomise_bn(TinyMobileNet()), lambda: TinyMobileNet(scale=2), torch.randn(2, 3, 16, 16),
+                      None),
+        "llama_gqa": (lambda: llama_decoder(64, 4, 2, **llama_args),
+                      lambda: llama_decoder(128, 8, 4, intermediate_size=48, num_hidden_layers=1), None, None),
+    }
+
+
+@pytest.mark.parametrize("name", ["residual_concat", "cifar_resnet20", "mobilenet", "llama_gqa"])
+def test_hand_built_duplicates_fold_back_to_the_original_model(name):
+    make, make_wide, x, concatenated = wide_pairs()[name]
+    model = make().eval()
+    x = model.example_inputs(2) if x is None else x
+    wide = widen(model, make_wide(), concatenated)
+    with torch.no_grad():
+        reference = model(x)
+        assert (wide(x) - reference).abs().max() <= 1e-5 * reference.abs().max()  # the widening is exact
+        result = compress_model(wide, x, "fold", 0.5, restarts=1)
+        folded = [g for g in result.groups if g.action == "folded"]  # (LLaMA's RMSNorm stream stays whole)
+        assert len(folded) >= 2 and all(g.kept == g.width // 2 for g in folded)
+        assert (result.model(x) - reference).abs().max() <= 1e-4 * reference.abs().max()
