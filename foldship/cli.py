@@ -159,7 +159,7 @@ def sweep(
     ratio: Optional[list[float]] = typer.Option(None, help="Fraction of channels removed, in (0, 1); repeat for more."),
     groups: Optional[str] = typer.Option(None, help="all: every group (paper); inner: keep residual streams whole."),
     repair: Optional[list[str]] = typer.Option(None, help="none, fold-ar, bn-recalibrate; repeat for more."),
-    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate."),
+    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate; near-copies of --data images are dropped."),
     data: Optional[str] = typer.Option(None, help="Labelled evaluation data: .npz (uint8 NHWC x, int y) or image folder."),
     limit: Optional[int] = typer.Option(None, help="Evaluate on the first N images only."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Sweep folder (default runs/sweep); a sweep "
