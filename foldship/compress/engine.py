@@ -2,7 +2,7 @@
 
 One loop serves both methods (so they give identical architectures): for each fresh group,
 pick the width k, then either cluster the channels and merge each cluster into its first member
-(fold), or keep the k channels with the largest producer norms (prune); finally remove the other
+(fold), or keep the k channels with the largest scores (prune, ``channel_scores``); finally remove the other
 channels from every coupled tensor.
 """
 from __future__ import annotations
@@ -85,8 +85,19 @@ def producer_rows(view: GroupView, items: Sequence | None = None) -> torch.Tenso
     return torch.cat(rows, 1)
 
 
-def producer_scores(view: GroupView, p: int) -> torch.Tensor:
-    """Lp norm of the root producer's flattened filter for each channel."""
+def channel_scores(view: GroupView, p: int) -> torch.Tensor:
+    """Each channel's magnitude score (pruning keeps the largest; fold's magnitude start uses them).
+
+    A conv group: the Lp norm of the root producer's flattened filter (method.md section 7). A group
+    a Linear layer produces (transformer MLPs, attention heads): the Lp norm of the consumers'
+    columns (down_proj / o_proj / output.dense), the LLaMA rule of the method notes; on
+    all-MiniLM-L6-v2 it keeps a higher mean embedding cosine than scoring by the producer's rows
+    (benchmarks/transformer_scoring.py, docs/engine.md).
+    """
+    consumers = [item for item in view.weighted_items if item.axis == "in"]
+    if isinstance(view.items[0].module, nn.Linear) and consumers:
+        columns = [_gather(s.tensor, s.dim, item.table) for item in consumers for s in item_slices(item)]
+        return torch.linalg.vector_norm(torch.cat(columns, 1), ord=p, dim=1)
     return torch.linalg.vector_norm(producer_rows(view, view.items[:1]), ord=p, dim=1)
 
 
@@ -361,7 +372,7 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
         record.action = f"kept: {exc}"
         return record
     p = 1 if method == "prune-l1" else 2
-    scores = producer_scores(view, p)
+    scores = channel_scores(view, p)
     if fold_ar and method == "fold":
         # After the features: Fold-AR merges the BN-normalised rows, but of plain fold's clusters.
         normalise_producers(view)
