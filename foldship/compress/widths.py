@@ -1,9 +1,13 @@
-"""The width rule shared by folding and pruning, so both give identical architectures."""
+"""The width rule shared by folding and pruning, so both give identical architectures, and the
+ledger that checks every compressed tensor has the width its group records."""
 from __future__ import annotations
 
 import math
 
+from torch import nn
+
 from ..errors import BadInput, FoldshipError
+from ..models.cifar_resnet import PadShortcut
 
 
 def check_ratio(ratio: float) -> float:
@@ -53,10 +57,6 @@ class WidthMismatch(FoldshipError):
 def axis_width(holder, axis: str, dim: int = 0) -> int | None:
     """How many indices ``holder`` (a module or an unwrapped parameter) really has along a group
     item's axis; None for holders without channel tensors (e.g. LayerNorm, which groups keep whole)."""
-    from torch import nn
-
-    from ..models.cifar_resnet import PadShortcut
-
     if isinstance(holder, nn.Parameter):
         return holder.shape[dim]
     if isinstance(holder, PadShortcut):
