@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -253,7 +254,7 @@ class DependencyAdapter:
         # parameters too: an unwrapped nn.Parameter (a layer scale) is a group item of its own
         self.names = {p: n for n, p in model.named_parameters()} | {m: n for n, m in model.named_modules()}
         self.protected = list(protected)
-        self.order = trace_layers(model, example_inputs)
+        self.order, reads = trace_layers(model, example_inputs)
         self.specs = [spec for finder in GROUP_FINDERS for spec in finder(model)]
         modules = dict(model.named_modules())
         self.hidden = [modules[name] for spec in self.specs for name in spec.hide]
@@ -266,7 +267,10 @@ class DependencyAdapter:
             raise BadInput(f"cannot trace the model to find its channel groups ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the input shape and that "
                            f"forward() runs on it") from exc
-        self.norm_after = norms_after(self.graph)
+        # A layer pairs with the BN that reads its output only when nothing else reads it: rescaling a
+        # pre-activation net's stem, whose output also feeds the residual add, would change the add.
+        self.norm_after = {layer: norm for layer, norm in reads.items() if layer in self.graph.module2node
+                           and len({id(out) for out in self.graph.module2node[layer].outputs}) == 1}
 
     def groups(self) -> Iterator[GroupView]:
         """Fresh groups in execution order, then finder groups; safe to edit the model between yields."""
@@ -287,45 +291,44 @@ class DependencyAdapter:
             yield ManualGroup(self, spec)
 
 
-def trace_layers(model: nn.Module, example_inputs) -> list[nn.Module]:
-    """Conv/linear layers in first-run order."""
+def trace_layers(model: nn.Module, example_inputs) -> tuple[list[nn.Module], dict[nn.Module, nn.Module]]:
+    """Conv/linear layers in first-run order, and the BatchNorm that reads each one's output as it was produced.
+
+    Outputs are held by weak reference and checked by identity and version: a BN reading a tensor
+    Python placed at a freed output's address, or an output a residual was added to in place
+    (``out += shortcut`` in a pre-activation net), pairs with nothing. Whether the output also
+    goes elsewhere is the graph's to say (``DependencyAdapter``).
+    """
     order: list[nn.Module] = []
+    produced_by: dict[int, tuple[weakref.ref, int, nn.Module]] = {}
+    norm_after: dict[nn.Module, nn.Module] = {}
 
     def on_layer(module, inputs, output):
         if module not in order:
             order.append(module)
+        produced_by[id(output)] = (weakref.ref(output), output._version, module)
+
+    def on_norm(module, inputs):
+        output, version, producer = produced_by.get(id(inputs[0]), (lambda: None, None, None))
+        if output() is inputs[0] and inputs[0]._version == version:
+            norm_after.setdefault(producer, module)
 
     hooks = [m.register_forward_hook(on_layer) for m in model.modules()
              if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    hooks += [m.register_forward_pre_hook(on_norm) for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
         with torch.no_grad():
             model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
     finally:
         for h in hooks:
             h.remove()
-    return order
-
-
-def norms_after(graph: tp.DependencyGraph) -> dict[nn.Module, nn.Module]:
-    """Each conv/linear layer whose output goes to one BatchNorm and nowhere else, and that BN.
-
-    Read off the traced graph: a layer whose output also feeds a residual add (a pre-activation
-    net's stem, or a block output added to in place) is not paired, as rescaling it would change
-    what the add sees.
-    """
-    pairs = {}
-    for module, node in graph.module2node.items():
-        consumers = {id(out.module): out.module for out in node.outputs}
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) and len(consumers) == 1:
-            (consumer,) = consumers.values()
-            if isinstance(consumer, nn.modules.batchnorm._BatchNorm):
-                pairs[module] = consumer
-    return pairs
+    return order, norm_after
 
 
 def output_layers(model: nn.Module, example_inputs) -> list[nn.Module]:
     """The last conv/linear layer to run: the classifier, whose outputs are never compressed."""
-    return trace_layers(model, example_inputs)[-1:]
+    return trace_layers(model, example_inputs)[0][-1:]
 
 
 def channel_groups(model: nn.Module, example_inputs, protected: Sequence[nn.Module] | None = None) -> list[ChannelGroup]:
