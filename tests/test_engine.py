@@ -191,6 +191,11 @@ def test_bn_pairs_only_with_a_layer_whose_output_it_alone_reads():
     # bn1 reads the stem's output, but so does the first residual add; bn3 reads conv2's output
     # after the in-place add; final reads a sum made after conv4's output was freed.
     assert {names[p]: names[bn] for p, bn in norm_after.items()} == {"conv1": "bn2", "conv3": "bn4"}
+    # timm's BatchNormAct2d (EfficientNet-Lite0) normalises functionally: still paired with its conv.
+    from timm.layers import BatchNormAct2d
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=nn.ReLU6), nn.Conv2d(8, 4, 1)).eval()
+    assert DependencyAdapter(net, x, [net[2]]).norm_after == {net[0]: net[1]}
 
 
 def test_fold_ar_normalisation_keeps_a_pre_activation_net_exactly():
