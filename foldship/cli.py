@@ -35,10 +35,14 @@ GATE_OPTIONS = {  # shared by build and validate; each fails the run with exit 3
 
 
 TARGET_HELP = {
-    "macs": "Budget: choose per-group widths so MACs are at most this fraction of the baseline (overrides --ratio).",
+    "macs": "Budget: choose per-group widths so MACs are at most this fraction of the baseline (instead of "
+            "--ratio; replaces a config file's ratio, other target and group_ratios).",
     "latency": "Budget: choose per-group widths so ONNX Runtime CPU latency (batch 16, this machine) is at most "
-               "this fraction of the baseline's (overrides --ratio).",
+               "this fraction of the baseline's (instead of --ratio; replaces a config file's ratio, other "
+               "target and group_ratios).",
 }
+RATIO_HELP = ("Fraction of channels removed per group, in (0, 1). Given here it replaces a config file's "
+              "target_macs/target_latency; with --target-macs/--target-latency it is refused (exit 2).")
 ROUND_TO_HELP = ("Kept widths a multiple of this (8 suits CPU/GPU kernels); default 1, or 8 with "
                  "--target-macs/--target-latency.")
 MODEL_HELP = ("cifar_resnet20..cifar_resnet110, torchvision:<name>, timm:<name>, hf:<id>; your own code as "
@@ -101,7 +105,7 @@ def build(
     input_shape: Optional[str] = typer.Option(None, help="One sample's input shape, e.g. 3,32,32 (needed for a "
                                                          "model of your own code)."),
     method: Optional[str] = typer.Option(None, help="fold (cluster and merge channels), prune-l1 or prune-l2."),
-    ratio: Optional[float] = typer.Option(None, help="Fraction of channels removed per group, in (0, 1)."),
+    ratio: Optional[float] = typer.Option(None, help=RATIO_HELP),
     groups: Optional[str] = typer.Option(None, help="all: every group (paper); inner: keep residual streams whole."),
     repair: Optional[str] = typer.Option(None, help="none (calibration-free), fold-ar (data-free variance correction of "
                                                    "merged clusters; the identity for pruning) "
@@ -181,7 +185,7 @@ def sweep(
     ratio: Optional[list[float]] = typer.Option(None, help="Fraction of channels removed, in (0, 1); repeat for more."),
     groups: Optional[str] = typer.Option(None, help="all: every group (paper); inner: keep residual streams whole."),
     repair: Optional[list[str]] = typer.Option(None, help="none, fold-ar, bn-recalibrate; repeat for more."),
-    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate."),
+    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate; near-copies of --data images are dropped."),
     data: Optional[str] = typer.Option(None, help="Labelled evaluation data: .npz (uint8 NHWC x, int y) or image folder."),
     limit: Optional[int] = typer.Option(None, help="Evaluate on the first N images only."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Sweep folder (default runs/sweep); a sweep "
@@ -427,12 +431,17 @@ def compress(
     checkpoint: Optional[str] = typer.Option(None, help="Trained weights (.th/.pt/.pth state dict or .safetensors)."),
     out: str = typer.Option(..., "--out", "-o", help="Folder for compressed.json (widths) + compressed.safetensors."),
     method: str = typer.Option("fold", help="fold, prune-l1 or prune-l2."),
-    ratio: float = typer.Option(0.3, help="Fraction of channels removed per group, in (0, 1)."),
+    ratio: Optional[float] = typer.Option(None, help="Fraction of channels removed per group, in (0, 1) "
+                                                     "(default 0.3); not with --target-macs/--target-latency."),
     groups: str = typer.Option("all", help="all: every group (paper); inner: keep residual streams whole."),
     repair: str = typer.Option("none", help="none, fold-ar (data-free; the identity for pruning) or bn-recalibrate "
                                             "(BN statistics re-measured on --calibration-data; only the change "
                                             "compression made is applied)."),
-    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate."),
+    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate and the budget "
+                                                            "survey; near-copies of the --data images are dropped."),
+    data: Optional[str] = typer.Option(None, help="The evaluation images the model will be judged on, kept out of "
+                                                  "the calibration images (default: build's default data, the "
+                                                  "1,000 CIFAR-10 test images); read only with --calibration-data."),
     round_to: Optional[int] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
@@ -452,24 +461,30 @@ def compress(
 
         from .compress import compress_model
         from .compress.budget import plan_budget
-        from .data import calibration_images
+        from .data import calibration_images, load_images
         from .models import load_model
+        from .pipeline.config import BuildConfig, refuse_ratio_with_target
         from .models.saved import SPEC_NAME, save_compressed
         from .pipeline.run_folder import RunFolder
 
+        refuse_ratio_with_target({"ratio": ratio, "target_macs": target_macs, "target_latency": target_latency})
+        uniform = 0.3 if ratio is None else ratio
         folder = RunFolder(out, overwrite)
         try:
             loaded = load_model(model, checkpoint, num_classes, input_size, checkpoint_map=checkpoint_map)
-            calibration = None
-            if calibration_data:  # no evaluation set in this stage: nothing to keep calibration apart from
-                calibration = calibration_images(calibration_data, loaded.preprocessing, None)
+            chosen = None
+            if calibration_data:  # kept apart from the images the model will be judged on, as in build
+                evaluation = load_images(data or BuildConfig.data, loaded.preprocessing, require_labels=False)
+                chosen = calibration_images(calibration_data, loaded.preprocessing, evaluation)
+            calibration = None if chosen is None else chosen.x
             example = loaded.example_inputs(2)
             budget = plan_budget(loaded.model, example, method, target_macs, target_latency, round_to, groups,
                                  calibration=calibration, seed=seed, repair=repair)
-            result = compress_model(loaded.model, example, method, ratio, seed, groups,
+            result = compress_model(loaded.model, example, method, uniform, seed, groups,
                                     budget.group_ratios() if budget else None, round_to=budget.align if budget else 1 if round_to is None else round_to,
                                     repair=repair, calibration=calibration, device=device)
-            summary = result.summary() | {"budget": budget.summary() if budget else None}
+            summary = result.summary() | {"budget": budget.summary() if budget else None,
+                                          "calibration": None if chosen is None else chosen.summary()}
             save_compressed(result.model.cpu(), loaded, folder.path(SPEC_NAME), summary)
             folder.path("compression.json").write_text(json.dumps(summary, indent=2) + "\n")
             final = folder.commit()
@@ -478,9 +493,12 @@ def compress(
             raise
         done = sum(g.action in ("folded", "pruned") for g in result.groups)
         out_console = Console()
-        setting = f"{budget.mac_fraction:.3f}x MACs (budget)" if budget else f"ratio {ratio}"
+        setting = f"{budget.mac_fraction:.3f}x MACs (budget)" if budget else f"ratio {uniform}"
         out_console.print(f"{method} at {setting}: {done} of {len(result.groups)} groups compressed in "
                           f"{result.seconds:.2f} s; residual streams {result.residual_streams} -> {final}")
+        if chosen is not None:
+            out_console.print(f"calibration: {len(chosen)} of {chosen.read} images ({chosen.near_copies} near-copies "
+                              f"of the {chosen.evaluation} images dropped)")
 
     _run(body)
 

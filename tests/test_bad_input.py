@@ -169,6 +169,11 @@ def round_to_zero_with_a_target(inputs):
     return ["--round-to", "0", "--target-macs", "0.8"]
 
 
+@case("--ratio 0.5 and --target-macs 0.8 both given", "give one of them")
+def ratio_and_target_flags(inputs):
+    return ["--ratio", "0.5", "--target-macs", "0.8"]
+
+
 @case("unknown method 'magic'", "fold, prune-l1, prune-l2")
 def unknown_method(inputs):
     return ["--method", "magic"]

@@ -56,6 +56,6 @@ def item_slices(item: GroupItem) -> list[Slice]:
         if m.track_running_stats:
             out += [Slice(m.running_mean, 0, MEAN, False, False), Slice(m.running_var, 0, MEAN, False, False)]
         return out
-    if isinstance(m, nn.Parameter):
-        return [Slice(m.data, -1, MEAN, True, False)]
+    if isinstance(m, nn.Parameter):  # along Torch-Pruning's pruning dim: a (C, 1, 1) layer scale is dim 0
+        return [Slice(m.data, item.dim, MEAN, True, False)]
     raise UnsupportedItem(f"{type(m).__name__} {item.name}: merging channels would change its statistics")

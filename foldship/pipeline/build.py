@@ -15,7 +15,7 @@ from ..compress.engine import compress_model
 from ..data import calibration_images, load_images
 from ..data.presets import resolve_preprocessing
 from ..exporters import export_model, export_report
-from ..models.registry import LoadedModel, Preprocessing, check_forward, load_model
+from ..models.registry import LoadedModel, check_forward, load_model
 from ..models.saved import SPEC_NAME, NotDescribable, save_compressed
 from ..validators import count_macs, count_params, run_folder_artifacts, torch_artifact
 from ..validators.stage import validate
@@ -72,10 +72,11 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
     with progress.stage("load data") as advance:
         data = load_images(config.data, loaded.preprocessing, config.limit, loaded.num_classes,
                            input_shape=loaded.input_shape, progress=advance)
-        calibration = None
+        chosen = None  # calibration images, near-copies of the evaluation images left out
         if config.calibration_data:
-            calibration = calibration_images(config.calibration_data, loaded.preprocessing, data,
-                                             config.calibration_count, config.seed)
+            chosen = calibration_images(config.calibration_data, loaded.preprocessing, data,
+                                        config.calibration_count, config.seed)
+        calibration = None if chosen is None else chosen.x
     if loaded.baseline_onnx:  # a converted ONNX model must compute what the file computes, before compression
         with progress.stage("check conversion (ONNX Runtime vs PyTorch)"):
             check_conversion(loaded, data.x)
@@ -128,8 +129,7 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
                   "input_shape": list(loaded.input_shape), "num_classes": loaded.num_classes,
                   "preprocessing": asdict(loaded.preprocessing)},
         "data": {"path": data.source, "images": len(data),
-                 "calibration": None if calibration is None else
-                 {"path": config.calibration_data, "images": len(calibration), "disjoint_from_evaluation": True}},
+                 "calibration": None if chosen is None else chosen.summary()},
         "method": config.method,
         "ratio": config.ratio,
         "seed": config.seed,

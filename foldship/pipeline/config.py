@@ -182,10 +182,33 @@ def read_yaml(path: str | Path | None) -> dict:
     return values
 
 
+TARGETS = ("target_macs", "target_latency")
+
+
+def refuse_ratio_with_target(given: dict) -> None:
+    """Refuse a ratio and a budget target given together (as flags or overrides; None: not given)."""
+    target = next((name for name in TARGETS if given.get(name) is not None), None)
+    if given.get("ratio") is not None and target:
+        raise BadInput(f"--ratio {given['ratio']} and --{target.replace('_', '-')} {given[target]} both given: a "
+                       f"ratio removes the same fraction from every group, a target chooses each group's width; "
+                       f"give one of them")
+
+
 def load_config(path: str | Path | None = None, **overrides) -> BuildConfig:
-    """Defaults <- YAML file <- overrides (None values are ignored)."""
+    """Defaults <- YAML file <- overrides (None values are ignored).
+
+    The overrides win over the file in what they choose: a ratio clears the file's budget target,
+    a target clears the file's other target and its group_ratios. A ratio and a target both given
+    as overrides are refused, naming both.
+    """
     values = read_yaml(path)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    refuse_ratio_with_target(given)
+    targets = [name for name in TARGETS if name in given]
+    if "ratio" in given or targets:  # what the file chose instead is dropped
+        for name in (TARGETS if "ratio" in given else [t for t in TARGETS if t not in targets] + ["group_ratios"]):
+            values.pop(name, None)
+    values.update(given)
     known = {f.name for f in dataclasses.fields(BuildConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

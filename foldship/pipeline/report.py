@@ -139,7 +139,7 @@ def render_markdown(report: dict) -> str:
     if speed:
         lines += [speed, ""]
     if report.get("residual_streams"):
-        lines += [f"Repair: {report['repair']}. Groups: {report['groups_policy']} "
+        lines += [f"Repair: {repair_line(report)}. Groups: {report['groups_policy']} "
                   f"({report['compression']['groups_compressed']} of {len(report['compression']['groups'])} "
                   f"compressed); residual streams {report['residual_streams']}; seed {report['seed']}.", ""]
     lines += ["![latency distributions](latency.png)", ""]
@@ -156,7 +156,7 @@ def render_markdown(report: dict) -> str:
         lines += [f"Not validated: {skipped['name']} ({skipped['reason']}).", ""]
     protocol, env = report["latency_protocol"], report["environment"]
     lines += ["## Protocol and environment", "", *_model_lines(report),
-              f"- Data: {report['data']['path']} ({report['data']['images']} images).",
+              f"- Data: {report['data']['path']} ({report['data']['images']} images)." + calibration_note(report),
               f"- Latency: {protocol['warmup']} warm-up runs, then at least {protocol['min_runs']} runs and "
               f"{protocol['min_seconds']} s per measurement; {protocol['order']}; {protocol['threads']} threads; "
               f"ONNX Runtime optimization {protocol['onnxruntime']['optimization']}, spinning "
@@ -223,6 +223,27 @@ def target_lines(report: dict) -> list[str]:
                              f"{speed_phrase(entry['speedup'][backend][key])} |")
     orders = {f"{b}: {order}" for entry in targets.values() for b, order in entry["latency_protocol"]["order"].items()}
     return lines + ["", "Order of runs on targets: " + "; ".join(sorted(orders)) + ".", ""]
+
+
+def calibration_note(report: dict) -> str:
+    """How many calibration images were used, and how many near-copies of evaluation images were left out."""
+    calibration = report["data"].get("calibration")
+    if not calibration:
+        return ""
+    return (f" Calibration: {calibration['images']} of {calibration['path']}'s {calibration['read']} images, "
+            f"{calibration['dropped_near_copies']} dropped as near-copies of the evaluation images.")
+
+
+def repair_line(report: dict) -> str:
+    """The repair, and the compressed groups it does not apply to (e.g. Fold-AR where no BN follows)."""
+    compressed = [g for g in report["compression"]["groups"] if g.get("repair")]
+    skipped = [g for g in compressed if g["repair"].startswith("not applicable")]
+    if report["repair"] == "none" or not skipped:
+        return report["repair"]
+    reasons = sorted({g["repair"].split(": ", 1)[1] for g in skipped})
+    names = ", ".join(g["name"] for g in skipped[:6]) + (", ..." if len(skipped) > 6 else "")
+    return (f"{report['repair']} (applied to {len(compressed) - len(skipped)} of {len(compressed)} compressed "
+            f"groups; not applicable to {names}: {'; '.join(reasons)})")
 
 
 def budget_lines(budget: dict | None) -> list[str]:
