@@ -133,6 +133,7 @@ def render_markdown(report: dict) -> str:
                   f"compressed); residual streams {report['residual_streams']}; seed {report['seed']}.", ""]
     lines += ["![latency distributions](latency.png)", ""]
     lines += budget_lines((report.get("compression") or {}).get("budget"))
+    lines += reconstruction_lines((report.get("compression") or {}).get("reconstruction"))
     if report["gates"]["results"]:
         lines += ["## Gates", "", "| gate | value | limit | result | measures |", "|---|---:|---:|---|---|"]
         for g in report["gates"]["results"]:
@@ -172,6 +173,23 @@ def budget_lines(budget: dict | None) -> list[str]:
         first = "" if w["first_pass_kept"] is None else w["first_pass_kept"]
         sensitivity = "" if w["sensitivity"] is None else f"{w['sensitivity']:.3g}"
         lines.append(f"| {w['group']} | {w['kind']} | {w['width']} | {first} | {w['kept']} | {sensitivity} |")
+    return lines + [""]
+
+
+def reconstruction_lines(section: dict | None) -> list[str]:
+    """Layer-wise reconstruction: how many layers were re-solved, on what, and each one's error."""
+    if not section:
+        return []
+    lines = ["## Reconstruction", "",
+             f"{section['layers_reconstructed']} of {len(section['layers'])} layers re-solved on {section['images']} "
+             f"calibration images ({section['positions_per_image']} sampled positions per image and layer, ridge "
+             f"{section['ridge']:g}) in {section['seconds']:.1f} s. Error: {section['error']}.", "",
+             "| layer | kind | unknowns per output | positions | error before | error after | result |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in section["layers"]:
+        before, after = (f"{v:.4f}" if v is not None else "" for v in (r["error_before"], r["error_after"]))
+        lines.append(f"| {r['name']} | {r['kind']} | {r['unknowns']} | {r['positions']} | {before} | {after} | "
+                     f"{r['action']} |")
     return lines + [""]
 
 
