@@ -97,6 +97,20 @@ def test_duplicated_channels_fold_exactly_and_reconstruction_leaves_them(zoo):
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), result.model.state_dict().values()))
 
 
+def test_fold_ar_targets_carry_the_bn_std_it_divides_by(zoo):
+    # Fold-AR merges each cluster's rows divided by their BN's std (random here, 0.7 to 1.2), so a
+    # producer whose inputs are exact meets its target (the map's 1/(|c| s_i) weights) exactly only
+    # if the map carries the divisors; its consumer, reading merged channels, is re-solved.
+    model, x = zoo["cifar_resnet20"]
+    images = torch.randn(66, 3, 32, 32, generator=torch.Generator().manual_seed(7))  # the classifier needs 65
+    result = compress_model(model, x, "fold", 0.5, groups="inner", repair="fold-ar+reconstruct", calibration=images,
+                            device="cpu")
+    records = {r.name: r for r in result.reconstruction.layers}
+    assert records["layer1.0.conv1"].action == "kept: exact already"
+    assert records["layer1.0.conv2"].action == "reconstructed"
+    assert result.summary()["repair"] == "fold-ar+reconstruct"
+
+
 def test_pruned_channels_that_are_combinations_of_kept_ones_are_restored_exactly():
     # fc1's outputs 4..7 are fixed small combinations A of outputs 0..3 (bias included), which
     # pruning keeps (their rows are larger). With nothing between the layers, fc2 reading the kept
@@ -226,6 +240,9 @@ def test_attention_output_projection_reads_the_folded_heads():
     folded = result.model
     assert (folded.attn.num_heads, folded.attn.out.in_features) == (2, 8)
     records = {r.name: r for r in result.reconstruction.layers}
+    # q/k/v read the exact inputs and hold the mean of each folded head's rows: their targets, when
+    # the recorded head maps are right, are met already
+    assert [records[f"attn.{p}"].action for p in "qkv"] == ["kept: exact already"] * 3
     assert records["attn.out"].action == "reconstructed"
     assert (records["attn.out"].unknowns, records["attn.out"].positions) == (9, 300)  # 2 heads x 4 dims + bias
     heads, _ = captured(folded, folded.attn.out, tokens)
