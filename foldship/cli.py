@@ -43,6 +43,13 @@ TARGET_HELP = {
 }
 RATIO_HELP = ("Fraction of channels removed per group, in (0, 1). Given here it replaces a config file's "
               "target_macs/target_latency; with --target-macs/--target-latency it is refused (exit 2).")
+REPAIR_HELP = ("none (default); or steps joined by '+', in this order: fold-ar (data-free variance correction of "
+               "merged clusters; the identity for pruning), reconstruct (each layer's weights re-solved in closed form "
+               "so its outputs on --calibration-data match the uncompressed model's), bn-recalibrate (BN statistics "
+               "re-measured on --calibration-data; only the change compression made is applied). "
+               "E.g. reconstruct+bn-recalibrate.")
+CALIBRATION_HELP = ("Unlabelled images for reconstruct and bn-recalibrate (.npz or image folder); near-copies of "
+                    "evaluation images are dropped.")
 ROUND_TO_HELP = ("Kept widths a multiple of this (8 suits CPU/GPU kernels); default 1, or 8 with "
                  "--target-macs/--target-latency.")
 MODEL_HELP = ("cifar_resnet20..cifar_resnet110, torchvision:<name>, timm:<name>, hf:<id>; your own code as "
@@ -107,12 +114,8 @@ def build(
     method: Optional[str] = typer.Option(None, help="fold (cluster and merge channels), prune-l1 or prune-l2."),
     ratio: Optional[float] = typer.Option(None, help=RATIO_HELP),
     groups: Optional[str] = typer.Option(None, help="all: every group (paper); inner: keep residual streams whole."),
-    repair: Optional[str] = typer.Option(None, help="none (calibration-free), fold-ar (data-free variance correction of "
-                                                   "merged clusters; the identity for pruning) "
-                                                   "or bn-recalibrate (BN statistics re-measured on --calibration-data; "
-                                                   "only the change compression made is applied)."),
-    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate; near-copies of "
-                                                            "evaluation images are dropped."),
+    repair: Optional[str] = typer.Option(None, help=REPAIR_HELP),
+    calibration_data: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     round_to: Optional[int] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
@@ -184,8 +187,9 @@ def sweep(
     method: Optional[list[str]] = typer.Option(None, help="fold, prune-l1, prune-l2; repeat for more."),
     ratio: Optional[list[float]] = typer.Option(None, help="Fraction of channels removed, in (0, 1); repeat for more."),
     groups: Optional[str] = typer.Option(None, help="all: every group (paper); inner: keep residual streams whole."),
-    repair: Optional[list[str]] = typer.Option(None, help="none, fold-ar, bn-recalibrate; repeat for more."),
-    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate; near-copies of --data images are dropped."),
+    repair: Optional[list[str]] = typer.Option(None, help="A repair as in build --repair (e.g. none, fold-ar, "
+                                                           "reconstruct+bn-recalibrate); repeat for more."),
+    calibration_data: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     data: Optional[str] = typer.Option(None, help="Labelled evaluation data: .npz (uint8 NHWC x, int y) or image folder."),
     limit: Optional[int] = typer.Option(None, help="Evaluate on the first N images only."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Sweep folder (default runs/sweep); a sweep "
@@ -434,11 +438,10 @@ def compress(
     ratio: Optional[float] = typer.Option(None, help="Fraction of channels removed per group, in (0, 1) "
                                                      "(default 0.3); not with --target-macs/--target-latency."),
     groups: str = typer.Option("all", help="all: every group (paper); inner: keep residual streams whole."),
-    repair: str = typer.Option("none", help="none, fold-ar (data-free; the identity for pruning) or bn-recalibrate "
-                                            "(BN statistics re-measured on --calibration-data; only the change "
-                                            "compression made is applied)."),
-    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate and the budget "
-                                                            "survey; near-copies of the --data images are dropped."),
+    repair: str = typer.Option("none", help=REPAIR_HELP),
+    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for reconstruct, bn-recalibrate and "
+                                                            "the budget survey; near-copies of the --data images are "
+                                                            "dropped."),
     data: Optional[str] = typer.Option(None, help="The evaluation images the model will be judged on, kept out of "
                                                   "the calibration images (default: build's default data, the "
                                                   "1,000 CIFAR-10 test images); read only with --calibration-data."),

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..errors import BadInput
 from .groups import DependencyAdapter, GroupView, output_layers
+from .repairs import repair_steps
 from .widths import check_round_to, ratio_for_width
 
 DEFAULT_ALIGN = 8
@@ -389,10 +390,11 @@ def two_pass_survey(model: nn.Module, example, method: str, goal: float, align: 
     First pass: every group's damage alone, widths allocated to the halfway goal. When that does
     not already meet ``goal``, a second pass measures every group's further damage with all the
     others at their first-pass widths, and the plan's groups start from there. Both passes compress
-    with ``repair`` when it is fold + fold-ar; any other is left out (bn-recalibrate would
-    re-estimate the BN statistics on the calibration images for each of ~100 compressions).
+    with the repair's fold-ar step when it has one and the method is fold; steps that read images
+    are left out (they would re-solve or re-measure on the calibration images for each of ~100
+    compressions).
     """
-    repair = "fold-ar" if method == "fold" and repair == "fold-ar" else "none"
+    repair = "fold-ar" if method == "fold" and "fold-ar" in repair_steps(repair) else "none"
     first, macs, _ = survey(model, example, method, align, group_policy, protected, probe, seed, repair=repair)
     halfway = 1.0 - FIRST_PASS_SHARE * (1.0 - goal)
     reached = allocate(first, macs, halfway, align, requested=goal)

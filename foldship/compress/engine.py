@@ -19,8 +19,9 @@ from ..errors import BadInput
 from ..models.cifar_resnet import PadShortcut
 from .groups import DependencyAdapter, GroupView, apply_rewrites, output_layers
 from .kmeans import cluster, inertia, special_partition, squared_norm
-from .repairs import (REPAIRS, Statistics, bn_statistics, norm_pairs, normalise_producers, recalibrate_bn, scale_gammas,
-                      variance_factors)
+from .reconstruct import ChannelMap, Reconstruction, reconstruct, record_group_maps
+from .repairs import (Statistics, bn_input_statistics, bn_statistics, check_repair, norm_pairs, normalise_producers,
+                      recalibrate_bn, repair_steps, scale_gammas, variance_factors)
 from .slices import MEAN, UnsupportedItem, item_slices
 from .widths import WidthLedger, check_ratio, check_round_to, kept_width
 
@@ -52,6 +53,9 @@ class CompressionResult:
     seconds: float = 0.0
     rewritten_modules: int = 0  # modules swapped for an equivalent foldable one (see register_rewrite)
     clusters: dict[str, torch.Tensor] = field(default_factory=dict)  # fold: each folded group's cluster labels
+    # each compressed conv/linear layer's output map (module name -> map; see reconstruct.ChannelMap)
+    channel_maps: dict[str, ChannelMap] = field(default_factory=dict)
+    reconstruction: Reconstruction | None = None
 
     @property
     def residual_streams(self) -> str:
@@ -67,7 +71,8 @@ class CompressionResult:
                 "repair": self.repair,
                 "residual_streams": self.residual_streams, "seconds": round(self.seconds, 3),
                 "rewritten_modules": self.rewritten_modules,
-                "groups": [asdict(g) for g in self.groups]}
+                "groups": [asdict(g) for g in self.groups],
+                "reconstruction": self.reconstruction.summary() if self.reconstruction else None}
 
 
 def group_features(view: GroupView) -> torch.Tensor:
@@ -248,20 +253,30 @@ def fold_labels(features: torch.Tensor, k: int, scores: torch.Tensor, blocks: li
     return labels, inertia(features, labels, int(labels.max()) + 1)
 
 
-def repair_note(view: GroupView, method: str, repair: str) -> str:
-    """What ``repair`` does to one compressed group: its name when it applies, else why it does not.
+def repair_note(view: GroupView, method: str, steps: Sequence[str]) -> str:
+    """What the repair steps do to one compressed group: the steps that apply, '+'-joined, then why any
+    other does not ("none" without steps).
 
     Fold-AR rescales the BN that alone reads a producer's output; groups with none (transformer
     MLPs and heads, pre-activation streams) are left as plain fold leaves them.
     """
-    if repair == "fold-ar":
-        if method != "fold":
-            return "not applicable: pruning merges no channels"
-        return repair if norm_pairs(view) else "not applicable: no BatchNorm follows a producer"
-    if repair == "bn-recalibrate" and not any(isinstance(item.module, nn.modules.batchnorm._BatchNorm)
-                                              for item in view.weighted_items):
-        return "not applicable: no BatchNorm in the group"
-    return repair
+    applied, skipped = [], []
+    for step in steps:
+        reason = None
+        if step == "fold-ar" and method != "fold":
+            reason = "pruning merges no channels"
+        elif step == "fold-ar" and not norm_pairs(view):
+            reason = "no BatchNorm follows a producer"
+        elif step == "bn-recalibrate" and not any(isinstance(item.module, nn.modules.batchnorm._BatchNorm)
+                                                  for item in view.weighted_items):
+            reason = "no BatchNorm in the group"
+        if reason is None:
+            applied.append(step)
+        else:
+            skipped.append(f"not applicable: {reason}" if len(steps) == 1 else f"{step} not applicable: {reason}")
+    if not skipped:
+        return "+".join(applied) or "none"
+    return "; ".join(["+".join(applied)] * bool(applied) + skipped)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -305,11 +320,8 @@ def compress_model(
         raise BadInput(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if groups not in GROUP_POLICIES:
         raise BadInput(f"unknown groups policy {groups!r}; choose 'all' (every group) or 'inner' (residual streams whole)")
-    if repair not in REPAIRS:
-        raise BadInput(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
-    if repair == "bn-recalibrate" and calibration is None:
-        raise BadInput("repair bn-recalibrate needs unlabelled calibration images: pass --calibration-data PATH "
-                       "(never the evaluation images)")
+    repair = check_repair(repair, calibration is not None)
+    steps = repair_steps(repair)
     ratio = check_ratio(ratio)
     check_round_to(round_to)
     # A group ratio of 0 keeps that group whole (budgeted plans name every group they surveyed).
@@ -330,16 +342,21 @@ def compress_model(
     adapter = DependencyAdapter(work, example_inputs, protected_modules)
     result = CompressionResult(work, method, ratio, seed, groups, repair, rewritten_modules=rewritten)
     # bn-recalibrate: the uncompressed model's statistics on the calibration images, carried through every edit
-    statistics = bn_statistics(work, calibration) if repair == "bn-recalibrate" else None
+    # (with reconstruct: of each BN's input as deployed, as the reconstruction pass measures them)
+    statistics = None
+    if "bn-recalibrate" in steps:
+        statistics = (bn_input_statistics if "reconstruct" in steps else bn_statistics)(work, calibration)
+    reference = copy.deepcopy(work) if "reconstruct" in steps else None  # targets come from the uncompressed model
+    maps: dict[nn.Module, ChannelMap] = {}
     ledger = WidthLedger()  # every width the records state, checked against the model at the end
     with torch.no_grad():
         for view in adapter.groups():
             ledger.register(view.weighted_items)
             record = _compress_group(view, method, ratios.get(view.name, ratio), groups, seed, restarts,
-                                     round_to, repair == "fold-ar", statistics, clusters or {}, result.clusters)
+                                     round_to, "fold-ar" in steps, statistics, clusters or {}, result.clusters, maps)
             ledger.narrow(view.weighted_items, record.width - record.kept)
             if record.action in ("folded", "pruned"):
-                record.repair = repair_note(view, method, repair)
+                record.repair = repair_note(view, method, steps)
             result.groups.append(record)
             if progress:
                 progress(1)
@@ -347,7 +364,12 @@ def compress_model(
     unknown = set(ratios) - {g.name for g in result.groups}
     if unknown:
         raise BadInput(f"group ratio(s) for unknown group(s) {', '.join(sorted(unknown))}; see `foldship inspect` for group names")
-    if repair == "bn-recalibrate":
+    module_names = {m: n for n, m in work.named_modules()}
+    result.channel_maps = {module_names[m]: channel_map for m, channel_map in maps.items()}
+    if reference is not None:  # with bn-recalibrate, each BN is re-measured once the layers before it are re-solved
+        result.reconstruction = reconstruct(work, reference, calibration, result.channel_maps, seed,
+                                            statistics=statistics, progress=progress)
+    elif statistics is not None:
         recalibrate_bn(work, calibration, reference=statistics)
     result.seconds = time.perf_counter() - start
     return result
@@ -355,7 +377,8 @@ def compress_model(
 
 def _compress_group(view: GroupView, method: str, ratio: float, policy: str, seed: int,
                     restarts: int, round_to: int, fold_ar: bool, statistics: Statistics | None,
-                    given: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> GroupRecord:
+                    given: dict[str, torch.Tensor], found: dict[str, torch.Tensor],
+                    maps: dict[nn.Module, ChannelMap]) -> GroupRecord:
     n = view.size
     record = GroupRecord(view.name, view.kind, n, n, "kept")
     if policy == "inner" and view.kind == "stream":
@@ -375,9 +398,10 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
         return record
     p = 1 if method == "prune-l1" else 2
     scores = channel_scores(view, p)
+    divisors = {}
     if fold_ar and method == "fold":
         # After the features: Fold-AR merges the BN-normalised rows, but of plain fold's clusters.
-        normalise_producers(view)
+        divisors = normalise_producers(view)
     total = squared_norm(features)
     labels = None
     if method == "fold":
@@ -403,6 +427,7 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
         record.action = "pruned"
     if statistics is not None:
         carry_statistics(view, statistics, labels, drop)
+    record_group_maps(view, maps, labels, representatives(labels) if labels is not None else None, drop, divisors)
     view.remove(drop)
     record.kept = k
     record.weight_error = error

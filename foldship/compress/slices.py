@@ -26,7 +26,7 @@ class Slice:
     producer: bool  # a producer row (used for magnitude scores)
 
 
-def _is_depthwise(module: nn.Module) -> bool:
+def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 \
         and module.groups == module.in_channels == module.out_channels
 
@@ -41,7 +41,7 @@ def item_slices(item: GroupItem) -> list[Slice]:
     if item.weightless or isinstance(m, PadShortcut):
         return []
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-        if item.axis == "out" or _is_depthwise(m):
+        if item.axis == "out" or is_depthwise(m):
             out = [Slice(m.weight.data, 0, MEAN, True, item.axis == "out")]
             if m.bias is not None:
                 out.append(Slice(m.bias.data, 0, MEAN, True, False))

@@ -11,7 +11,7 @@ import yaml
 from ..compress.budget import check_targets
 from ..compress.engine import GROUP_POLICIES, METHODS, resolve_device
 from ..data.presets import resolve_preprocessing
-from ..compress.repairs import REPAIRS
+from ..compress.repairs import check_repair
 from ..compress.widths import check_ratio, check_round_to
 from ..errors import BadInput
 from ..exporters import ExportOptions, TrtSettings
@@ -41,7 +41,7 @@ class BuildConfig:
     ratio: float = 0.3
     groups: str = "all"
     repair: str = "none"
-    calibration_data: str | None = None  # unlabelled images for bn-recalibrate (never the evaluation set)
+    calibration_data: str | None = None  # unlabelled images for reconstruct and bn-recalibrate (never the evaluation set)
     calibration_count: int = 512
     group_ratios: dict[str, float] = field(default_factory=dict)
     protected: list[str] | None = None  # module names whose outputs stay whole; default: classifier
@@ -101,11 +101,7 @@ class BuildConfig:
             raise BadInput(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.groups not in GROUP_POLICIES:
             raise BadInput(f"unknown groups policy {self.groups!r}; choose one of {', '.join(GROUP_POLICIES)}")
-        if self.repair not in REPAIRS:
-            raise BadInput(f"unknown repair {self.repair!r}; choose one of {', '.join(REPAIRS)}")
-        if self.repair == "bn-recalibrate" and not self.calibration_data:
-            raise BadInput("--repair bn-recalibrate needs --calibration-data PATH (unlabelled images, never the "
-                           "evaluation set)")
+        self.repair = check_repair(self.repair, bool(self.calibration_data))
         self.export_options().validate()
         if self.min_fp16_agreement is not None and not 0 <= self.min_fp16_agreement <= 1:
             raise BadInput(f"min_fp16_agreement is a fraction in [0, 1], got {self.min_fp16_agreement}")

@@ -145,6 +145,7 @@ def render_markdown(report: dict) -> str:
     lines += ["![latency distributions](latency.png)", ""]
     lines += budget_lines((report.get("compression") or {}).get("budget"))
     lines += target_lines(report)
+    lines += reconstruction_lines((report.get("compression") or {}).get("reconstruction"))
     if report["gates"]["results"]:
         lines += ["## Gates", "", "| gate | value | limit | result | measures |", "|---|---:|---:|---|---|"]
         for g in report["gates"]["results"]:
@@ -237,10 +238,12 @@ def calibration_note(report: dict) -> str:
 def repair_line(report: dict) -> str:
     """The repair, and the compressed groups it does not apply to (e.g. Fold-AR where no BN follows)."""
     compressed = [g for g in report["compression"]["groups"] if g.get("repair")]
-    skipped = [g for g in compressed if g["repair"].startswith("not applicable")]
+    skipped = [g for g in compressed if "not applicable" in g["repair"]]
     if report["repair"] == "none" or not skipped:
         return report["repair"]
-    reasons = sorted({g["repair"].split(": ", 1)[1] for g in skipped})
+    # a note is "<steps applied>; <step> not applicable: <why>", or "not applicable: <why>" for one step
+    reasons = sorted({part.removeprefix("not applicable: ") for g in skipped for part in g["repair"].split("; ")
+                      if "not applicable" in part})
     names = ", ".join(g["name"] for g in skipped[:6]) + (", ..." if len(skipped) > 6 else "")
     return (f"{report['repair']} (applied to {len(compressed) - len(skipped)} of {len(compressed)} compressed "
             f"groups; not applicable to {names}: {'; '.join(reasons)})")
@@ -263,6 +266,23 @@ def budget_lines(budget: dict | None) -> list[str]:
         first = "" if w["first_pass_kept"] is None else w["first_pass_kept"]
         sensitivity = "" if w["sensitivity"] is None else f"{w['sensitivity']:.3g}"
         lines.append(f"| {w['group']} | {w['kind']} | {w['width']} | {first} | {w['kept']} | {sensitivity} |")
+    return lines + [""]
+
+
+def reconstruction_lines(section: dict | None) -> list[str]:
+    """Layer-wise reconstruction: how many layers were re-solved, on what, and each one's error."""
+    if not section:
+        return []
+    lines = ["## Reconstruction", "",
+             f"{section['layers_reconstructed']} of {len(section['layers'])} layers re-solved on {section['images']} "
+             f"calibration images ({section['positions_per_image']} sampled positions per image and layer, ridge "
+             f"{section['ridge']:g}) in {section['seconds']:.1f} s. Error: {section['error']}.", "",
+             "| layer | kind | unknowns per output | positions | error before | error after | result |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in section["layers"]:
+        before, after = (f"{v:.4f}" if v is not None else "" for v in (r["error_before"], r["error_after"]))
+        lines.append(f"| {r['name']} | {r['kind']} | {r['unknowns']} | {r['positions']} | {before} | {after} | "
+                     f"{r['action']} |")
     return lines + [""]
 
 
