@@ -67,7 +67,7 @@ def main() -> None:
 
     def run(name: str, method: str, repair: str, images: int) -> dict:
         model = loaded[name]
-        calibration = calibration_images(pool, preprocessing, evaluation, images, args.seed)
+        calibration = calibration_images(pool, preprocessing, evaluation, images, args.seed).x
         start = time.perf_counter()
         result = compress_model(model.model, model.example_inputs(2), method, MODELS[name][2], args.seed, "inner",
                                 repair=repair, calibration=calibration, device="cpu")
@@ -87,7 +87,7 @@ def main() -> None:
     ablation = []
     for name in loaded if args.ablation else ():
         model = loaded[name]
-        calibration = calibration_images(pool, preprocessing, evaluation, args.images, args.seed)
+        calibration = calibration_images(pool, preprocessing, evaluation, args.images, args.seed).x
         settings = [(p, RIDGE) for p in (16, 32, 64, 128)] + [(POSITIONS_PER_IMAGE, r) for r in (1e-4, 1e-2, 1e-1)]
         for positions, ridge in settings:
             result = compress_model(model.model, model.example_inputs(2), "fold", MODELS[name][2], args.seed, "inner",

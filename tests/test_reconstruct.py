@@ -67,7 +67,7 @@ def test_linear_pair_matches_ridge_least_squares_computed_independently():
     torch.manual_seed(0)
     model, x = TwoLayer().eval(), torch.randn(200, 6)
     result = compress_model(model, x[:2], "prune-l2", 0.5, repair="reconstruct", calibration=x, device="cpu")
-    kept = torch.topk(model.fc1.weight.norm(dim=1), 4).indices.sort().values  # prune-l2: the 4 largest rows
+    kept = torch.topk(model.fc2.weight.norm(dim=0), 4).indices.sort().values  # prune-l2 on a Linear group: largest consumer columns
     with torch.no_grad():
         hidden = torch.relu(x @ model.fc1.weight[kept].T + model.fc1.bias[kept]).double()
         target = model(x).double()
@@ -113,7 +113,8 @@ def test_fold_ar_targets_carry_the_bn_std_it_divides_by(zoo):
 
 def test_pruned_channels_that_are_combinations_of_kept_ones_are_restored_exactly():
     # fc1's outputs 4..7 are fixed small combinations A of outputs 0..3 (bias included), which
-    # pruning keeps (their rows are larger). With nothing between the layers, fc2 reading the kept
+    # pruning keeps (fc2 reads them through larger columns: a Linear group is scored by its
+    # consumer's columns). With nothing between the layers, fc2 reading the kept
     # outputs reproduces the model exactly with columns W2[:, :4] + W2[:, 4:] A: the least-squares
     # answer without a ridge.
     torch.manual_seed(0)
@@ -122,6 +123,7 @@ def test_pruned_channels_that_are_combinations_of_kept_ones_are_restored_exactly
     with torch.no_grad():
         model[0].weight[4:] = mix @ model[0].weight[:4]
         model[0].bias[4:] = mix @ model[0].bias[:4]
+        model[1].weight[:, :4] *= 3.0
     images = torch.randn(50, 6)
     result = compress_model(model, images[:2], "prune-l2", 0.5, device="cpu")
     with torch.no_grad():
@@ -312,7 +314,7 @@ CALIBRATION_COUNT = 128  # from the JPEG test images, near-copies of the evaluat
 @pytest.fixture(scope="module")
 def folded_r20(resnet20, cifar_eval):
     """ResNet-20 folded at ratio 0.3 (--groups inner), with each repair, on 128 calibration images."""
-    calibration = calibration_images(CIFAR_JPEG, resnet20.preprocessing, cifar_eval, CALIBRATION_COUNT)
+    calibration = calibration_images(CIFAR_JPEG, resnet20.preprocessing, cifar_eval, CALIBRATION_COUNT).x
     x = resnet20.example_inputs(2)
     results = {repair: compress_model(resnet20.model, x, "fold", 0.3, groups="inner", repair=repair,
                                       calibration=calibration, device="cpu")
