@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from foldship.compress import channel_groups, compress_model
-from foldship.compress.attention import rewrite_attention
+from foldship.models.head_attention import rewrite_attention
 from foldship.models import load_model
 from foldship.pipeline.config import SHARED_DATA
 from foldship.pipeline.environment import fingerprint

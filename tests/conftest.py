@@ -165,7 +165,7 @@ def duplicate_channels(model: nn.Module, example) -> nn.Module:
     duplicates by hand (``widen``) and checks merges against cluster means and sums computed there.
     """
     from foldship.compress.groups import DependencyAdapter, output_layers
-    from foldship.compress.slices import MEAN, UnsupportedItem, item_slices
+    from foldship.compress.handlers import MEAN, UnsupportedItem, item_slices
 
     with torch.no_grad():
         adapter = DependencyAdapter(model, example, output_layers(model, example))

@@ -249,7 +249,7 @@ def test_attention_output_projection_reads_the_folded_heads():
     assert (records["attn.out"].unknowns, records["attn.out"].positions) == (9, 300)  # 2 heads x 4 dims + bias
     heads, _ = captured(folded, folded.attn.out, tokens)
     reference = copy.deepcopy(model)
-    from foldship.compress.groups import apply_rewrites
+    from foldship.models.rewrites import apply_rewrites
     apply_rewrites(reference)  # the same exact HeadAttention rewrite compression applies
     _, y = captured(reference, reference.attn.out, tokens)
     plain = compress(model, tokens[:2], method="fold", ratio=0.5, groups="inner")  # the same heads, not re-solved

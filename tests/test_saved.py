@@ -87,3 +87,56 @@ def test_a_change_a_width_spec_cannot_express_is_refused(resnet20, tmp_path):
     with pytest.raises(NotDescribable, match="its outputs differ"):
         foldship.save_compressed(changed, resnet20, tmp_path / "compressed.json")
     assert list(tmp_path.iterdir()) == []
+
+
+FRESH_LOAD = """
+import sys
+import numpy as np
+import torch
+from torch import nn
+from foldship.models.saved import load_compressed
+from foldship.models.rewrites import apply_rewrites
+
+folder = sys.argv[1]
+loaded = load_compressed(folder).model
+np.save(folder + "/fresh.npy", loaded(torch.from_numpy(np.load(folder + "/images.npy"))).detach().numpy())
+torch.manual_seed(0)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+layer, x = SelfAttention().eval(), torch.randn(2, 5, 8)
+before = layer(x)
+replaced = apply_rewrites(layer, x)
+print(replaced, float((layer(x) - before).abs().max()),
+      sorted(name for name in sys.modules if name.startswith("foldship.compress")))
+"""
+
+
+def test_a_fresh_interpreter_loads_a_compressed_model_without_the_compression_engine(saved, folded_resnet56,
+                                                                                       cifar_eval):
+    """The saved model's exact rewrites come with ``foldship.models``: no import of ``foldship.compress``
+    has to run first (a subprocess, since this test's own interpreter has imported it)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    images = cifar_eval.x[:16]
+    np.save(saved / "images.npy", images.numpy())
+    run = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(saved)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    replaced, difference, compress_modules = run.stdout.split(maxsplit=2)
+    assert compress_modules.strip() == "[]"
+    # one nn.MultiheadAttention became a HeadAttention, computing the same outputs
+    assert int(replaced) == 1 and float(difference) < 1e-5
+    with torch.no_grad():
+        expected = folded_resnet56(images)
+    assert torch.allclose(torch.from_numpy(np.load(saved / "fresh.npy")), expected, rtol=0, atol=1e-5)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from foldship.compress import channel_groups, compress_model
-from foldship.compress.attention import HeadAttention, rewrite_attention
+from foldship.models.head_attention import HeadAttention, rewrite_attention
 from foldship.models import load_model
 
 from .conftest import duplicate_channels

@@ -16,16 +16,28 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from ..models.cifar_resnet import PadShortcut
-from .groups import DependencyAdapter, GroupView, apply_rewrites, output_layers
+from ..models.rewrites import apply_rewrites
+from .groups import DependencyAdapter, output_layers
+from .handlers import MEAN, foldability, handler_for, item_slices
 from .kmeans import cluster, inertia, special_partition, squared_norm
 from .reconstruct import ChannelMap, Reconstruction, reconstruct, record_group_maps
 from .repairs import (Statistics, bn_input_statistics, bn_statistics, check_repair, norm_pairs, normalise_producers,
                       recalibrate_bn, repair_steps, scale_gammas, variance_factors)
-from .slices import MEAN, UnsupportedItem, item_slices
+from .views import GroupView
 from .widths import WidthLedger, check_ratio, check_round_to, kept_width
 
-METHODS = ("fold", "prune-l1", "prune-l2")
+
+@dataclass(frozen=True)
+class Method:
+    """How one method edits a group: fold merges clusters, pruning keeps the channels with the largest scores."""
+
+    action: str  # a compressed group's record: "folded" or "pruned"
+    norm: int  # p of the Lp magnitude scores (``channel_scores``; fold's magnitude start reads them too)
+    merges: bool  # channels are merged into cluster representatives (fold), not only removed
+
+
+METHODS = {"fold": Method("folded", 2, True), "prune-l1": Method("pruned", 1, False),
+           "prune-l2": Method("pruned", 2, False)}
 GROUP_POLICIES = ("all", "inner")
 
 
@@ -51,7 +63,7 @@ class CompressionResult:
     repair: str = "none"
     groups: list[GroupRecord] = field(default_factory=list)
     seconds: float = 0.0
-    rewritten_modules: int = 0  # modules swapped for an equivalent foldable one (see register_rewrite)
+    rewritten_modules: int = 0  # modules swapped for an equivalent foldable one (see models/rewrites.py)
     clusters: dict[str, torch.Tensor] = field(default_factory=dict)  # fold: each folded group's cluster labels
     # each compressed conv/linear layer's output map (module name -> map; see reconstruct.ChannelMap)
     channel_maps: dict[str, ChannelMap] = field(default_factory=dict)
@@ -95,11 +107,10 @@ def producer_rows(view: GroupView, items: Sequence | None = None) -> torch.Tenso
 def channel_scores(view: GroupView, p: int) -> torch.Tensor:
     """Each channel's magnitude score (pruning keeps the largest; fold's magnitude start uses them).
 
-    A conv group: the Lp norm of the root producer's flattened filter (method.md section 7). A group
+    A conv group: the Lp norm of the root producer's flattened filter (docs/method.md section 7). A group
     a Linear layer produces (transformer MLPs, attention heads): the Lp norm of the consumers'
-    columns (down_proj / o_proj / output.dense), the LLaMA rule of the method notes; on
-    all-MiniLM-L6-v2 it keeps a higher mean embedding cosine than scoring by the producer's rows
-    (benchmarks/transformer_scoring.py, docs/engine.md).
+    columns (down_proj / o_proj / output.dense), FLAP's rule for LLaMA models; docs/engine.md ("How
+    groups are scored") says why and names the benchmark that compares it with the producer's rows.
     """
     consumers = [item for item in view.weighted_items if item.axis == "in"]
     if isinstance(view.items[0].module, nn.Linear) and consumers:
@@ -145,12 +156,9 @@ def merge_clusters(view: GroupView, labels: torch.Tensor) -> list[int]:
     reps = representatives(labels)
     rep_of = torch.tensor(reps)[labels]
     for item in view.weighted_items:
-        if isinstance(item.module, PadShortcut):
-            if item.axis == "in":  # slots reading a member now read the cluster's representative
-                _reroute_shortcut(item.module, item.table, rep_of)
-            continue
         for s in item_slices(item):
             _merge_rows(s.tensor, s.dim, item.table, labels, counts, reps, s.merge == MEAN)
+        handler_for(item.module).reroute(item, rep_of)
     return sorted(set(range(len(labels))) - set(reps))
 
 
@@ -169,27 +177,10 @@ def carry_statistics(view: GroupView, statistics: Statistics, labels: torch.Tens
         statistics[module] = tuple(v[keep.to(v.device)] for v in vectors)
 
 
-def _reroute_shortcut(shortcut: PadShortcut, table: torch.Tensor, rep_of: torch.Tensor) -> None:
-    channel_of_index = {int(idx): c for c, idx in enumerate(table[:, 0].tolist())}
-    for slot in range(shortcut.out_channels):
-        if shortcut.keep_mask[slot] > 0:
-            channel = channel_of_index[int(shortcut.gather_index[slot])]
-            shortcut.gather_index[slot] = int(table[int(rep_of[channel]), 0])
-
-
 def fixed_blocks(view: GroupView) -> list[list[int]]:
-    """Channels an option-A shortcut ties together ("mirror" rule, method.md section 3).
-
-    Pass-through slots reading the same (already folded) input channel form one cluster, so the
-    shortcut stays a 0/1 gather after folding; padding slots are clustered freely.
-    """
-    blocks: dict[int, list[int]] = {}
-    for item in view.weighted_items:
-        if isinstance(item.module, PadShortcut) and item.axis == "out":
-            for channel, idx in enumerate(item.table[:, 0].tolist()):
-                if item.module.keep_mask[idx] > 0:
-                    blocks.setdefault(int(item.module.gather_index[idx]), []).append(channel)
-    return list(blocks.values())
+    """Channels the group's modules tie together (each module's handler says which: an option-A
+    shortcut's "mirror" rule, docs/method.md section 3); they always share one cluster."""
+    return [block for item in view.weighted_items for block in handler_for(item.module).fixed_blocks(item)]
 
 
 class ShortcutTooNarrow(BadInput):
@@ -263,7 +254,7 @@ def repair_note(view: GroupView, method: str, steps: Sequence[str]) -> str:
     applied, skipped = [], []
     for step in steps:
         reason = None
-        if step == "fold-ar" and method != "fold":
+        if step == "fold-ar" and not METHODS[method].merges:
             reason = "pruning merges no channels"
         elif step == "fold-ar" and not norm_pairs(view):
             reason = "no BatchNorm follows a producer"
@@ -388,23 +379,20 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
     if k >= n:
         record.action = "kept: width rule keeps every channel"
         return record
-    if any(item.table.shape[1] == 0 for item in view.weighted_items):
-        record.action = "kept: uneven channel mapping (partial split)"
+    reason = foldability(view)
+    if reason is not None:
+        record.action = f"kept: {reason}"
         return record
-    try:
-        features = group_features(view)
-    except UnsupportedItem as exc:
-        record.action = f"kept: {exc}"
-        return record
-    p = 1 if method == "prune-l1" else 2
-    scores = channel_scores(view, p)
+    features = group_features(view)
+    rule = METHODS[method]
+    scores = channel_scores(view, rule.norm)
     divisors = {}
-    if fold_ar and method == "fold":
+    if fold_ar and rule.merges:
         # After the features: Fold-AR merges the BN-normalised rows, but of plain fold's clusters.
         divisors = normalise_producers(view)
     total = squared_norm(features)
     labels = None
-    if method == "fold":
+    if rule.merges:
         labels = given.get(view.name)
         if labels is not None and (len(labels) != n or int(labels.max()) + 1 != k):
             raise ValueError(f"clusters given for group {view.name} do not fold {n} channels to {k}")
@@ -419,12 +407,11 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
         drop = merge_clusters(view, labels)
         if factors is not None:
             scale_gammas(view, representatives(labels), factors)
-        record.action = "folded"
     else:
         kept = top_k(scores, k)
         drop = sorted(set(range(n)) - set(kept))
         error = squared_norm(features[drop])
-        record.action = "pruned"
+    record.action = rule.action
     if statistics is not None:
         carry_statistics(view, statistics, labels, drop)
     record_group_maps(view, maps, labels, representatives(labels) if labels is not None else None, drop, divisors)

@@ -1,6 +1,7 @@
 """Coupled channel groups, discovered automatically on top of Torch-Pruning's DependencyGraph.
 
-This adapter is the only module that touches Torch-Pruning: it builds the graph, walks the
+This adapter is the only module that drives Torch-Pruning (``views.py`` names its trace-only ops,
+``handlers.py`` gives it the pruners of module types it does not know): it builds the graph, walks the
 groups one at a time (they must be regenerated after every edit) and presents each as a plain
 ``GroupView`` with, for every coupled tensor, the index table that maps the group's channels to
 that tensor's slices (concatenations, flattens and offsets included).
@@ -10,117 +11,18 @@ from __future__ import annotations
 import copy
 import warnings
 import weakref
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
-from torch_pruning.pruner import function as tp_function
 
 from ..errors import BadInput
-from ..models.cifar_resnet import PadShortcut
-
-# Trace-only modules of Torch-Pruning: they carry no weights.
-_WEIGHTLESS_OPS = (
-    ops._ElementWiseOp, ops._ReshapeOp, ops._ConcatOp, ops._SplitOp, ops._SliceOp,
-    ops._UnbindOp, ops._ExpandOp, ops._OutputOp, ops._CustomizedOp,
-)
-
-
-class PadShortcutPruner(tp_function.BasePruningFunc):
-    """Slices the option-A shortcut's routing buffers; the shortcut stays weight-free."""
-
-    TARGET_MODULES = (PadShortcut,)
-
-    def prune_out_channels(self, layer: PadShortcut, idxs: Sequence[int]) -> nn.Module:
-        keep = torch.tensor(sorted(set(range(layer.out_channels)) - set(idxs)), dtype=torch.long,
-                            device=layer.gather_index.device)
-        layer.gather_index = layer.gather_index[keep]
-        layer.keep_mask = layer.keep_mask[keep]
-        layer.out_channels = len(keep)
-        return layer
-
-    def prune_in_channels(self, layer: PadShortcut, idxs: Sequence[int]) -> nn.Module:
-        # A slot whose source channel is removed becomes padding; the rest are renumbered.
-        removed = torch.zeros(layer.in_channels, dtype=torch.bool, device=layer.gather_index.device)
-        removed[list(idxs)] = True
-        new_index = torch.cumsum(~removed, 0) - 1
-        dead = removed[layer.gather_index] & (layer.keep_mask > 0)
-        layer.keep_mask = torch.where(dead, torch.zeros_like(layer.keep_mask), layer.keep_mask)
-        layer.gather_index = torch.where(layer.keep_mask > 0, new_index[layer.gather_index].clamp_min(0),
-                                         torch.zeros_like(layer.gather_index))
-        layer.in_channels -= len(idxs)
-        return layer
-
-    def get_out_channels(self, layer: PadShortcut) -> int:
-        return layer.out_channels
-
-    def get_in_channels(self, layer: PadShortcut) -> int:
-        return layer.in_channels
-
-
-CUSTOM_PRUNERS: dict[type, tp_function.BasePruningFunc] = {PadShortcut: PadShortcutPruner()}
-
-
-@dataclass
-class GroupItem:
-    """One coupled tensor-holder of a group: a module and the axis the group indexes."""
-
-    name: str
-    module: nn.Module
-    axis: str  # "out": producer side / per-channel op; "in": consumer side
-    table: torch.Tensor  # (n, e): the module's indices for each of the group's n channels
-    dim: int = 0  # an unwrapped nn.Parameter's channel dim (Torch-Pruning's pruning dim); 0 for modules
-
-    @property
-    def weightless(self) -> bool:
-        return isinstance(self.module, _WEIGHTLESS_OPS)
-
-
-@dataclass
-class ChannelGroup:
-    """A coupled channel group as plain data (what ``foldship.channel_groups`` returns)."""
-
-    name: str  # the root module (the first producer) and axis, e.g. "layer1.0.conv1"
-    size: int
-    kind: str  # "stream" (a residual add joins it), "inner", or "heads"
-    members: list[tuple[str, str]] = field(default_factory=list)  # (module_name, axis)
-    foldable: str = "yes"  # "yes", or why compression leaves this group whole (fold and prune alike)
-
-
-class GroupView:
-    """A coupled channel group, read through plain index tables (see ``items``)."""
-
-    name: str
-    size: int
-    kind: str
-    items: list[GroupItem]
-    norm_after: dict[nn.Module, nn.Module]
-
-    @property
-    def weighted_items(self) -> list[GroupItem]:
-        return [i for i in self.items if not i.weightless]
-
-    def as_data(self) -> ChannelGroup:
-        from .slices import UnsupportedItem, item_slices  # slices imports this module
-
-        members = [(i.name, i.axis) for i in self.weighted_items]
-        foldable = "yes"
-        if any(i.table.shape[1] == 0 for i in self.weighted_items):
-            foldable = "no: uneven channel mapping (partial split)"
-        else:
-            try:
-                for item in self.weighted_items:
-                    item_slices(item)
-            except UnsupportedItem as exc:
-                foldable = f"no: {exc}"
-        return ChannelGroup(self.name, self.size, self.kind, members, foldable)
-
-    def remove(self, channels: Sequence[int]) -> None:
-        """Remove the given group channels from every coupled tensor."""
-        raise NotImplementedError
+from ..models.rewrites import apply_rewrites
+from .attention import attention_head_groups
+from .handlers import CUSTOM_PRUNERS, foldability
+from .views import ChannelGroup, GroupItem, GroupSpec, GroupView
 
 
 class TracedGroup(GroupView):
@@ -146,22 +48,6 @@ class TracedGroup(GroupView):
     def remove(self, channels: Sequence[int]) -> None:
         if channels:
             self._tp_group.prune(idxs=sorted(int(c) for c in channels))
-
-
-@dataclass
-class GroupSpec:
-    """A group a tracer cannot see (e.g. attention heads), described by a family's group finder.
-
-    ``items`` name Linear layers and the axis and (n, e) table the group indexes in each;
-    ``hide`` lists modules the tracer must leave alone (they are covered here); ``after_remove``
-    patches shape attributes (e.g. ``num_heads``) once channels are removed.
-    """
-
-    name: str
-    kind: str
-    items: list[tuple[str, str, torch.Tensor]]
-    hide: list[str] = field(default_factory=list)
-    after_remove: Callable[[int], None] | None = None
 
 
 class ManualGroup(GroupView):
@@ -198,23 +84,7 @@ class ManualGroup(GroupView):
 
 # Group finders, by model family: each returns GroupSpecs for constructs a tracer cannot group.
 GroupFinder = Callable[[nn.Module], list[GroupSpec]]
-GROUP_FINDERS: list[GroupFinder] = []
-Rewrite = Callable[[nn.Module, object], int]
-MODEL_REWRITES: list[Rewrite] = []
-
-
-def register_rewrite(rewrite: Rewrite) -> Rewrite:
-    """Register an exact, in-place rewrite that makes a model's structure foldable (e.g. packed
-    attention -> per-head projections). It is called as ``rewrite(model, example_inputs)`` (the
-    inputs may be None: a rewrite that needs them then does nothing) and returns how many modules
-    it replaced; compression and group discovery apply every rewrite to their own copy, never to
-    the caller's model."""
-    MODEL_REWRITES.append(rewrite)
-    return rewrite
-
-
-def apply_rewrites(model: nn.Module, example_inputs=None) -> int:
-    return sum(rewrite(model, example_inputs) for rewrite in MODEL_REWRITES)
+GROUP_FINDERS: list[GroupFinder] = [attention_head_groups]
 
 
 def register_group_finder(finder: GroupFinder) -> GroupFinder:
@@ -248,7 +118,7 @@ class DependencyAdapter:
     """Builds Torch-Pruning's dependency graph once and yields fresh groups one at a time.
 
     Groups come in forward-execution order of their first producer, which is also their root: the
-    stem conv for the first residual stream, block 0's conv2 for later ones (method.md section 7),
+    stem conv for the first residual stream, block 0's conv2 for later ones (docs/method.md section 3),
     and a stream is always edited before the streams an option-A shortcut feeds from it.
     """
 
@@ -346,4 +216,11 @@ def channel_groups(model: nn.Module, example_inputs, protected: Sequence[nn.Modu
     modules = dict(work.named_modules())
     protected = output_layers(work, example_inputs) if protected_names is None else [modules[n] for n in protected_names]
     adapter = DependencyAdapter(work, example_inputs, protected)
-    return [g.as_data() for g in adapter.groups()]
+    return [describe(g) for g in adapter.groups()]
+
+
+def describe(view: GroupView) -> ChannelGroup:
+    """``view`` as plain data, with why compression leaves it whole (``foldability``)."""
+    reason = foldability(view)
+    return ChannelGroup(view.name, view.size, view.kind, [(i.name, i.axis) for i in view.weighted_items],
+                        "yes" if reason is None else f"no: {reason}")

@@ -4,7 +4,7 @@ Reference-first: plain Lloyd iterations with k-means++ restarts, plus runs start
 given partitions (the magnitude-pruning partition) and from Ward's agglomerative clustering,
 keeping the lowest inertia. Lloyd steps never raise inertia and the start partitions themselves
 are candidates, so the result is never worse than any start: this is what makes fold(k+1) <=
-prune(k) hold by construction (method.md 5).
+prune(k) hold by construction (docs/method.md section 5).
 
 Ward's start matters when k is a large fraction of n (r <= 0.5): k-means++ spends its seeds on
 outlying rows, Lloyd cannot split what they leave, and the magnitude start keeps every low-norm
@@ -267,7 +267,7 @@ def cluster(
         best_inertia, index = min((gram_inertia(gram, labels, k), i) for i, labels in enumerate(finalists))
     else:
         # Ranked on the float32 Gram; the winner and the given starts are then scored exactly on W,
-        # so rounding can never cost the bound (method.md 5).
+        # so rounding can never cost the bound (docs/method.md section 5).
         winner = min(range(len(finalists)), key=lambda i: (gram_inertia(gram, finalists[i], k), i))
         total = squared_norm(exact)
         best_inertia, index = min((inertia(exact, finalists[i], k, total), i) for i in {winner, *range(len(given))})

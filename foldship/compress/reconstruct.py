@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BadInput
-from .groups import GroupView, trace_layers
+from .groups import trace_layers
+from .handlers import is_depthwise
 from .repairs import Statistics, apply_statistics, input_moments
-from .slices import is_depthwise
+from .views import GroupView
 
 POSITIONS_PER_IMAGE = 32  # sampled output positions per image and layer (all of them when fewer)
 RIDGE = 1e-3  # lam = RIDGE x the mean diagonal of the Gram matrix (the mean squared input)

@@ -4,16 +4,15 @@ A repair is 'none' or steps joined by '+', applied in ``STEPS`` order: fold-ar (
 merge), reconstruct (``reconstruct.py``), bn-recalibrate. This module holds the data-free Fold-AR
 variance correction and BN re-estimation on images.
 
-Both follow method.md section 8. Fold-AR works in BN-normalised space: each producer row is
+Both follow docs/method.md section 8. Fold-AR works in BN-normalised space: each producer row is
 divided by its BN's running std (a function-preserving rewrite), so merging averages normalised
 responses; the merged BN's gamma is then scaled up by sqrt(n_c / (1 + (n_c - 1) rho_c)), the
 inverse std of a mean of n_c unit-variance channels with mean pairwise correlation rho_c.
 
 rho_c is the mean pairwise cosine of the members' producer filters only: under white inputs it is
 the correlation of their pre-BN responses, which is what the variance of the mean depends on.
-(method.md takes the cosine of the whole concatenated group weights; consumer columns and BN
-parameters do not enter the producers' correlation, and including them made the correction
-noisy: ResNet-20/56 at r=0.3 with --groups inner, 5 seeds, 75.0 % -> 78.7 % top-1 mean.)
+(Consumer columns and BN parameters do not enter the producers' correlation; docs/method.md
+section 8 says why they are left out.)
 Pruning keeps every channel as its own cluster (factor 1), so Fold-AR leaves a pruned model as it is.
 """
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from .groups import GroupItem, GroupView
+from .views import GroupItem, GroupView
 
 STEPS = ("fold-ar", "reconstruct", "bn-recalibrate")  # the order repair steps apply in
 DATA_STEPS = ("reconstruct", "bn-recalibrate")  # steps that read unlabelled calibration images

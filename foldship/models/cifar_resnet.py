@@ -43,6 +43,15 @@ class PadShortcut(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, passes={int(self.keep_mask.sum())}"
 
+    def spec_widths(self) -> dict:
+        """The widths a saved compressed model's spec records for this layer (``models/saved.py``)."""
+        return {"kind": "pad_shortcut", "in_channels": self.in_channels, "out_channels": self.out_channels}
+
+    @classmethod
+    def from_spec_widths(cls, widths: dict) -> "PadShortcut":
+        """A shortcut at recorded widths; its routing comes from the saved weights."""
+        return cls(widths["in_channels"], widths["out_channels"])
+
 
 def _routing_may_be_missing(module: PadShortcut, incompatible) -> None:
     for key in [k for k in incompatible.missing_keys if k.endswith(("gather_index", "keep_mask"))]:

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from .cifar_resnet import PadShortcut
 from .registry import LoadedModel, Preprocessing, example_inputs, model_spec, short_list
+from .rewrites import apply_rewrites
 
 SPEC_FORMAT = "foldship-compressed-model"
 SPEC_VERSION = 1
@@ -35,7 +35,13 @@ class NotDescribable(BadInput):
 
 
 def layer_widths(module: nn.Module) -> dict | None:
-    """The widths that fix a layer's tensor shapes, or None for a layer without any."""
+    """The widths that fix a layer's tensor shapes, or None for a layer without any.
+
+    A module type of foldship's own (e.g. ``PadShortcut``) states its widths itself (``spec_widths``)
+    and is rebuilt from them (``from_spec_widths``).
+    """
+    if hasattr(module, "spec_widths"):
+        return module.spec_widths()
     if isinstance(module, _CONVS):
         return {"kind": "conv", "in_channels": module.in_channels, "out_channels": module.out_channels,
                 "groups": module.groups}
@@ -47,8 +53,6 @@ def layer_widths(module: nn.Module) -> dict | None:
         return {"kind": "layernorm", "normalized_shape": list(module.normalized_shape)}
     if isinstance(module, nn.GroupNorm):
         return {"kind": "groupnorm", "num_groups": module.num_groups, "num_channels": module.num_channels}
-    if isinstance(module, PadShortcut):
-        return {"kind": "pad_shortcut", "in_channels": module.in_channels, "out_channels": module.out_channels}
     return None
 
 
@@ -76,7 +80,7 @@ def _narrowed(module: nn.Module, widths: dict) -> nn.Module:
                             bias=module.bias is not None)
     if kind == "groupnorm":
         return nn.GroupNorm(widths["num_groups"], widths["num_channels"], module.eps, module.affine)
-    return PadShortcut(widths["in_channels"], widths["out_channels"])  # routing comes from the weights
+    return type(module).from_spec_widths(widths)
 
 
 def save_compressed(model: nn.Module, original: LoadedModel, spec_path: str | Path,
@@ -183,8 +187,6 @@ def rebuild(spec: dict, source: Path | str = "<spec>") -> nn.Module:
     info = spec["model"]
     arch = model_spec(info["name"], info["num_classes"])
     model = arch.build(num_classes=arch.num_classes)
-    from ..compress.groups import apply_rewrites  # late: compress imports models
-
     # Compression ran on the rewritten structure, so the spec names its layers.
     apply_rewrites(model, example_inputs(model, tuple(info["input_shape"]), 2))
     modules = dict(model.named_modules())

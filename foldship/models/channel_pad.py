@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.cifar_resnet import PadShortcut
-from .groups import register_rewrite
+from .cifar_resnet import PadShortcut
 
 
 def _weightless_leaf(module: nn.Module) -> bool:
@@ -41,7 +40,6 @@ def _equivalent_shortcut(module: nn.Module, x, output) -> PadShortcut | None:
     return None
 
 
-@register_rewrite
 def rewrite_channel_pads(model: nn.Module, example_inputs=None) -> int:
     """Replace (in place) each parameter-free module of ``model`` that computes an option-A shortcut."""
     if example_inputs is None:
