@@ -17,7 +17,7 @@ import yaml
 
 from foldship.models.checkpoint import read_state_dict
 
-from .conftest import CIFAR_LOSSLESS, RESNET20, RESNET56, run_cli
+from .conftest import CIFAR_JPEG, CIFAR_LOSSLESS, RESNET20, RESNET56, run_cli
 
 CASES: dict = {}
 
@@ -262,6 +262,25 @@ def data_for_other_classes(inputs):
 @case("holds no images", "non-empty dataset")
 def data_empty(inputs):
     return inputs.npz(np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64))
+
+
+# --- recovery (--finetune distill) ------------------------------------------------------------
+
+@case("--finetune distill needs --calibration-data", "never the evaluation set")
+def finetune_without_calibration_data(inputs):
+    return ["--finetune", "distill"]
+
+
+@case("only holds copies of the evaluation images", "use other images")
+def finetune_on_copies_of_the_evaluation_images(inputs):
+    return ["--finetune", "distill", "--calibration-data", str(CIFAR_LOSSLESS)]  # the evaluation images themselves
+
+
+@case("needs at least 64 calibration images (one batch of --finetune-batch 64), got 40", "smaller --finetune-batch")
+def finetune_on_too_few_images(inputs):
+    x = np.load(CIFAR_JPEG)["x"][-40:]  # the last trucks: none is a near-copy of the first 1,000 test images
+    np.savez(inputs.path("few.npz"), x=x)
+    return ["--finetune", "distill", "--calibration-data", inputs.path("few.npz")]
 
 
 # --- the output folder ---------------------------------------------------------------------------
