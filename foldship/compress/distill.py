@@ -24,7 +24,7 @@ statistics recovered more (docs/recovery.md has the measurement).
 Deterministic: the shuffling and the augmentation draw from one seeded generator, PyTorch's
 deterministic algorithms are on while training, so a fixed seed, the same images and the same
 thread count on the same CPU give the same weights, bit for bit. Minutes mode depends on speed
-and is not reproducible; its record says how many steps it ran, which ``epochs`` can replay.
+and is not reproducible; its record says how many steps it ran.
 """
 from __future__ import annotations
 
@@ -75,8 +75,7 @@ class DistillSettings:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise BadInput(f"--finetune-lr must be a positive learning rate (e.g. {DEFAULT_LR}), got {self.lr!r}")
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
-            raise BadInput(f"--finetune-batch must be a whole number >= 1, "
-                           f"got {self.batch!r}")
+            raise BadInput(f"--finetune-batch must be a whole number >= 1, got {self.batch!r}")
         return self
 
     @property
@@ -114,7 +113,7 @@ class DistillRecord:
 
 def check_images(images: torch.Tensor, settings: DistillSettings) -> None:
     """Refuse what distillation cannot train on: anything but a batch of images, or fewer images than one
-    full batch (train-mode BatchNorm needs whole batches)."""
+    full batch (every step trains on a whole batch)."""
     if images.dim() != 4:
         raise BadInput(f"--finetune distill trains on images (N, C, H, W); the calibration data has shape "
                        f"{tuple(images.shape)}")

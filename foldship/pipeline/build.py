@@ -147,9 +147,9 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress)
 
 
 def _recover(config: BuildConfig, loaded: LoadedModel, compressed, images, data, progress: StageProgress) -> dict:
-    """Distil the uncompressed model into ``compressed`` (in place) on unlabelled ``images``; the report's
-    ``recovery`` section with top-1 and agreement before recovery, measured in PyTorch on the CPU (the
-    model before recovery is never exported). Only this function sees the evaluation labels, for scoring."""
+    """Distil the uncompressed model into ``compressed`` (in place) on unlabelled ``images``; returns the report's
+    ``recovery`` section, with top-1 and agreement before recovery measured in PyTorch on the CPU (the model
+    before recovery is never exported). The evaluation labels score that model here; ``distill`` never sees them."""
     compressed.cpu()
     base, before = evaluate_torch(loaded.model, data.x), evaluate_torch(compressed, data.x)
     scores = classification_scores(before, data.y, loaded.num_classes)
