@@ -14,6 +14,7 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..compress.repairs import canonical_repair
 from ..compress.widths import check_ratio
 from ..errors import BadInput
 from ..models.registry import sha256_of
@@ -161,7 +162,8 @@ def load_sweep_config(path: str | Path | None = None, **overrides) -> SweepConfi
     base = load_config(None, **values, **{name: items[0] for name, items in grid.items() if name in GRID_KEYS[1:]})
     checkpoints = _checkpoints(grid.get("checkpoint", [base.checkpoint]), base.model)
     return SweepConfig(base, checkpoints, grid.get("method", [base.method]),
-                       [check_ratio(r) for r in grid.get("ratio", [base.ratio])], grid.get("repair", [base.repair]),
+                       [check_ratio(r) for r in grid.get("ratio", [base.ratio])],
+                       [canonical_repair(r) for r in grid.get("repair", [base.repair])],
                        {name: items for name, items in grid.items() if name in RECOVERY_KEYS}, **sweep)
 
 

@@ -6,9 +6,9 @@ run by run instead, with spinning off, to compare close latencies under drifting
 fixed and recorded. Each measurement keeps its raw samples (for the latency plot) and the peak
 memory it added.
 
-Backends: ONNX Runtime CPU and CUDA (I/O bound on the GPU), PyTorch CPU and CUDA (CUDA events,
-optionally one CUDA graph replayed per run), TensorRT engines (through Polygraphy's TrtRunner,
-inputs and outputs on the GPU).
+Backends: ONNX Runtime CPU, CUDA and TensorRT execution providers (I/O bound on the GPU), PyTorch
+CPU and CUDA (CUDA events, optionally one CUDA graph replayed per run), TensorRT engines (through
+Polygraphy's TrtRunner, inputs and outputs on the GPU). PyTorch is imported only by its backends.
 """
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ import gc
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
-from .artifacts import Artifact, OrtSettings, onnx_session, resolved_threads
+from .artifacts import ORT_BACKENDS, Artifact, OrtSettings, onnx_session, resolved_threads
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -149,10 +151,12 @@ def time_artifact(artifact: Artifact, backend: str, input_shape: tuple[int, ...]
     if backend == "torch-cuda":
         return _time_torch_cuda(artifact.module, input_shape, batch, protocol)
     with host_peak_memory() as peak:
-        if backend in ("onnxruntime-cpu", "onnxruntime-cuda"):
+        if backend in ORT_BACKENDS:
             run = _onnx_runner(artifact.path, backend, input_shape, batch, threads, ort)
             samples = _measure(run, protocol)
         elif backend == "torch-cpu":
+            import torch
+
             previous = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
@@ -198,7 +202,7 @@ def time_interleaved(artifacts: Sequence[Artifact], input_shape: tuple[int, ...]
 
 
 def _onnx_runner(path: str, backend: str, input_shape, batch: int, threads: int, ort_settings: OrtSettings):
-    session = onnx_session(path, threads, ort_settings, "cuda" if backend == "onnxruntime-cuda" else "cpu")
+    session = onnx_session(path, threads, ort_settings, ORT_BACKENDS[backend][0])
     name = session.get_inputs()[0].name
     x = example_batch(input_shape, batch)
     if backend == "onnxruntime-cpu":
@@ -223,6 +227,8 @@ def _onnx_runner(path: str, backend: str, input_shape, batch: int, threads: int,
 def _time_torch_cuda(module: nn.Module, input_shape, batch: int, protocol: LatencyProtocol) -> LatencyStats:
     """CUDA events around each forward pass (or graph replay); the GPU peak from PyTorch's allocator."""
     import copy
+
+    import torch
 
     device = torch.device("cuda")
     torch.cuda.synchronize()
@@ -252,6 +258,8 @@ def _time_torch_cuda(module: nn.Module, input_shape, batch: int, protocol: Laten
 
 def _cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """Capture one forward pass (after warming up on a side stream, as PyTorch documents) for replay."""
+    import torch
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -266,6 +274,7 @@ def _cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 def _time_tensorrt(artifact: Artifact, input_shape, batch: int, protocol: LatencyProtocol) -> list[float]:
     """Polygraphy's TrtRunner with inputs and outputs on the GPU; host clock around a synchronized run."""
+    import torch
     from polygraphy.backend.trt import EngineFromPath, TrtRunner
 
     x = torch.from_numpy(example_batch(input_shape, batch)).cuda()

@@ -8,16 +8,18 @@ same outputs), then latency, each model in its own block, then the gates.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import BadInput
 from .accuracy import Predictions, classification_scores
 from .agreement import Tolerance, compare
-from .artifacts import (BACKENDS, ORT_OPTIMIZATION, Artifact, OrtSettings, RunOutputs, available_backends,
-                        run_outputs)
+from .artifacts import (BACKENDS, OPT_IN_BACKENDS, ORT_OPTIMIZATION, Artifact, OrtSettings, RunOutputs,
+                        available_backends, run_outputs)
 from .gates import evaluate_gates, summary
 from .latency import LatencyProtocol, LatencyStats, time_artifact
+
+if TYPE_CHECKING:
+    import torch
 
 PRIMARY = "onnxruntime-cpu"  # what ships and what the gates judge
 SIDES = ("baseline", "compressed")
@@ -60,10 +62,12 @@ class Validation:
     samples: dict  # raw latency samples in ms: {artifact: {backend: {"batch<N>": [...]}}}
 
 
-def select_backends(wanted: list[str] | None) -> list[str]:
-    available = available_backends()
+def select_backends(wanted: list[str] | None, available: list[str] | None = None) -> list[str]:
+    """``wanted``, each checked against ``available`` (default: this machine's backends); None: all
+    available ones except those used only when asked for (OPT_IN_BACKENDS)."""
+    available = available_backends() if available is None else available
     if wanted is None:
-        return available
+        return [b for b in available if b not in OPT_IN_BACKENDS]
     missing = [b for b in wanted if b not in available]
     if missing:
         raise BadInput(f"backend(s) {', '.join(missing)} not available on this machine (available: "
