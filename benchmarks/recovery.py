@@ -41,17 +41,17 @@ CASES = {
     "resnet56": {"title": "ResNet-56, --groups inner, ratio 0.5", "target": "fold >= 911/1000, build <= 15 min",
                  "config": CIFAR | {"model": "cifar_resnet56", "checkpoint": str(CKPT / "resnet56-4bfd9763.th"),
                                     "ratio": 0.5, "groups": "inner"},
-                 "repair": "fold-ar", "finetune": {"finetune_epochs": 4}},
+                 "repair": "reconstruct+bn-recalibrate", "finetune": {"finetune_epochs": 2}},
     "resnet20": {"title": "ResNet-20, --groups inner, ratio 0.3", "target": "fold >= 895/1000",
                  "config": CIFAR | {"model": "cifar_resnet20", "checkpoint": str(CKPT / "resnet20-12fca82f.th"),
                                     "ratio": 0.3, "groups": "inner"},
-                 "repair": "fold-ar", "finetune": {"finetune_epochs": 4}},
+                 "repair": "reconstruct+bn-recalibrate", "finetune": {"finetune_epochs": 2}},
     "lite0": {"title": "EfficientNet-Lite0, --target-macs 0.80 (first 500 ImageNet sample images)",
               "target": "within 4 points of the baseline",
               "config": read_yaml(ROOT / "examples/efficientnet_lite0_imagenet.yaml") | {
                   "data": str(SHARED_DATA / "imagenet_sample"), "limit": 500,
                   "calibration_data": str(SHARED_DATA / "imagenet_sample")},
-              "repair": "fold-ar", "finetune": {"finetune_epochs": 4}},
+              "repair": "reconstruct+bn-recalibrate", "finetune": {"finetune_epochs": 2}},
 }
 METHOD_REPAIRS = {"prune-l1": {"fold-ar": "none"}, "prune-l2": {"fold-ar": "none"}}  # Fold-AR: the identity for pruning
 
@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--methods", nargs="+", default=["fold", "prune-l1", "prune-l2"])
     parser.add_argument("--sections", nargs="+", default=["recovery", "repairs"], choices=["recovery", "repairs"])
-    parser.add_argument("--repairs", nargs="+", default=["fold-ar", "bn-recalibrate", "reconstruct"],
+    parser.add_argument("--repairs", nargs="+", default=["fold-ar", "bn-recalibrate", "reconstruct",
+                                                        "reconstruct+bn-recalibrate"],
                         help="repairs compared alone (any name foldship build takes, e.g. reconstruct+bn-recalibrate)")
     parser.add_argument("--recovery-repair", default=None, help="repair before distillation (default: each case's)")
     parser.add_argument("--epochs", type=int, default=None, help="distillation epochs (default: each case's)")

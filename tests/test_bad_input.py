@@ -293,7 +293,7 @@ def finetune_without_calibration_data(inputs):
     return ["--finetune", "distill"]
 
 
-@case("only holds copies of the evaluation images", "use other images")
+@case("only holds near-copies of the evaluation images", "use other images")
 def finetune_on_copies_of_the_evaluation_images(inputs):
     return ["--finetune", "distill", "--calibration-data", str(CIFAR_LOSSLESS)]  # the evaluation images themselves
 

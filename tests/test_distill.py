@@ -79,7 +79,7 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 @pytest.fixture(scope="module")
 def calibration(cifar_eval):
-    return calibration_images(CIFAR_JPEG, Preprocessing(), cifar_eval, 256, seed=0)
+    return calibration_images(CIFAR_JPEG, Preprocessing(), cifar_eval, 256, seed=0).x
 
 
 @pytest.fixture(scope="module")
