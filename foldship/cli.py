@@ -55,7 +55,7 @@ ROUND_TO_HELP = ("Kept widths a multiple of this (8 suits CPU/GPU kernels); defa
 FINETUNE_HELP = {  # shared by build and sweep (docs/recovery.md)
     "finetune": "Recovery after compression: none (default) or distill (train the compressed model to match the "
                 "uncompressed model's outputs on --calibration-data; no labels are read).",
-    "epochs": "Distillation epochs over the calibration images (default 4); or --finetune-minutes, not both.",
+    "epochs": "Distillation epochs over the calibration images (default 2); or --finetune-minutes, not both.",
     "minutes": "Distillation wall-clock budget in minutes instead of epochs (not byte-reproducible).",
     "lr": "Distillation learning rate: AdamW, warm-up then cosine decay (default 0.0005).",
     "batch": "Distillation batch size (default 64).",

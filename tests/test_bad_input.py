@@ -293,6 +293,11 @@ def finetune_without_calibration_data(inputs):
     return ["--finetune", "distill"]
 
 
+@case("--finetune-epochs must be a whole number >= 1, got 0")
+def finetune_zero_epochs(inputs):  # minutes and learning rate: tests/test_distill.py, through the config
+    return ["--finetune", "distill", "--calibration-data", str(CIFAR_JPEG), "--finetune-epochs", "0"]
+
+
 @case("only holds near-copies of the evaluation images", "use other images")
 def finetune_on_copies_of_the_evaluation_images(inputs):
     return ["--finetune", "distill", "--calibration-data", str(CIFAR_LOSSLESS)]  # the evaluation images themselves

@@ -42,7 +42,7 @@ from torch import nn
 from ..errors import BadInput
 
 FINETUNES = ("none", "distill")
-DEFAULT_EPOCHS = 4
+DEFAULT_EPOCHS = 2
 DEFAULT_LR = 5e-4
 DEFAULT_BATCH = 64
 TEMPERATURE = 4.0

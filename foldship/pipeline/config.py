@@ -47,7 +47,7 @@ class BuildConfig:
     # Recovery after compression (foldship.compress.distill, docs/recovery.md): label-free distillation on the
     # calibration images. Unset settings take the defaults there; they apply only with finetune: distill.
     finetune: str = "none"  # distill: train the compressed model to match the uncompressed model's outputs
-    finetune_epochs: int | None = None  # default 4; or finetune_minutes, not both
+    finetune_epochs: int | None = None  # default 2; or finetune_minutes, not both
     finetune_minutes: float | None = None  # a wall-clock budget instead of epochs (not byte-reproducible)
     finetune_lr: float | None = None  # AdamW learning rate, default 0.0005
     finetune_batch: int | None = None  # default 64
