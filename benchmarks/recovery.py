@@ -41,7 +41,7 @@ CASES = {
     "resnet56": {"title": "ResNet-56, --groups inner, ratio 0.5", "target": "fold >= 911/1000, build <= 15 min",
                  "config": CIFAR | {"model": "cifar_resnet56", "checkpoint": str(CKPT / "resnet56-4bfd9763.th"),
                                     "ratio": 0.5, "groups": "inner"},
-                 "repair": "reconstruct+bn-recalibrate", "finetune": {"finetune_epochs": 2}},
+                 "repair": "reconstruct+bn-recalibrate", "finetune": {"finetune_epochs": 8}},
     "resnet20": {"title": "ResNet-20, --groups inner, ratio 0.3", "target": "fold >= 895/1000",
                  "config": CIFAR | {"model": "cifar_resnet20", "checkpoint": str(CKPT / "resnet20-12fca82f.th"),
                                     "ratio": 0.3, "groups": "inner"},
