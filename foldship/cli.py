@@ -48,10 +48,20 @@ REPAIR_HELP = ("none (default); or steps joined by '+', in this order: fold-ar (
                "so its outputs on --calibration-data match the uncompressed model's), bn-recalibrate (BN statistics "
                "re-measured on --calibration-data; only the change compression made is applied). "
                "E.g. reconstruct+bn-recalibrate.")
-CALIBRATION_HELP = ("Unlabelled images for reconstruct and bn-recalibrate (.npz or image folder); near-copies of "
-                    "evaluation images are dropped.")
+CALIBRATION_HELP = ("Unlabelled images for reconstruct, bn-recalibrate and --finetune distill (.npz or image "
+                    "folder); near-copies of evaluation images are dropped.")
 ROUND_TO_HELP = ("Kept widths a multiple of this (8 suits CPU/GPU kernels); default 1, or 8 with "
                  "--target-macs/--target-latency.")
+FINETUNE_HELP = {  # shared by build and sweep (docs/recovery.md)
+    "finetune": "Recovery after compression: none (default) or distill (train the compressed model to match the "
+                "uncompressed model's outputs on --calibration-data; no labels are read).",
+    "epochs": "Distillation epochs over the calibration images (default 2); or --finetune-minutes, not both.",
+    "minutes": "Distillation wall-clock budget in minutes instead of epochs (not byte-reproducible).",
+    "lr": "Distillation learning rate: AdamW, warm-up then cosine decay (default 0.0005).",
+    "batch": "Distillation batch size (default 64).",
+    "images": "Calibration images distillation trains on (default: all left after dropping near-copies of the "
+              "evaluation images).",
+}
 MODEL_HELP = ("cifar_resnet20..cifar_resnet110, torchvision:<name>, timm:<name>, hf:<id>; your own code as "
               "path/to/file.py:factory or package.module:factory (this imports and RUNS that code; model_args in the "
               "config go to the factory); exported:<program.pt2> (torch.export) or onnx:<model.onnx>. "
@@ -116,6 +126,12 @@ def build(
     groups: Optional[str] = typer.Option(None, help="all: every group (paper); inner: keep residual streams whole."),
     repair: Optional[str] = typer.Option(None, help=REPAIR_HELP),
     calibration_data: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
+    finetune: Optional[str] = typer.Option(None, help=FINETUNE_HELP["finetune"]),
+    finetune_epochs: Optional[int] = typer.Option(None, help=FINETUNE_HELP["epochs"]),
+    finetune_minutes: Optional[float] = typer.Option(None, help=FINETUNE_HELP["minutes"]),
+    finetune_lr: Optional[float] = typer.Option(None, help=FINETUNE_HELP["lr"]),
+    finetune_batch: Optional[int] = typer.Option(None, help=FINETUNE_HELP["batch"]),
+    finetune_images: Optional[int] = typer.Option(None, help=FINETUNE_HELP["images"]),
     round_to: Optional[int] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
@@ -126,7 +142,10 @@ def build(
     limit: Optional[int] = typer.Option(None, help="Evaluate on the first N images only."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder to write (default runs/demo)."),
     seed: Optional[int] = typer.Option(None, help="Seed for clustering; same inputs and seed give the same bytes."),
-    device: Optional[str] = typer.Option(None, help="Where compression runs: auto (default: the GPU when there is one), cpu or cuda."),
+    device: Optional[str] = typer.Option(None, help="Where compression and distillation run: auto (default: the GPU "
+                                                    "when there is one), cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for distillation, ONNX Runtime and timing "
+                                                     "(default 0: every core)."),
     exporter: Optional[str] = typer.Option(None, help="ONNX exporter: dynamo (default) or legacy."),
     shrinker: Optional[str] = typer.Option(None, help="Graph shrinker: onnxslim (default), onnxsim or none."),
     precision: Optional[str] = typer.Option(None, help="fp32 (default) or fp16 (also writes <name>.fp16.onnx)."),
@@ -154,9 +173,12 @@ def build(
         from .pipeline.progress import StageProgress
 
         cfg = load_config(config, model=model, checkpoint=checkpoint, method=method, ratio=ratio, groups=groups,
-                          repair=repair, calibration_data=calibration_data, round_to=round_to,
+                          repair=repair, calibration_data=calibration_data, finetune=finetune,
+                          finetune_epochs=finetune_epochs, finetune_minutes=finetune_minutes, finetune_lr=finetune_lr,
+                          finetune_batch=finetune_batch, finetune_images=finetune_images, round_to=round_to,
                           target_macs=target_macs, target_latency=target_latency, checkpoint_map=checkpoint_map,
                           preprocess=preprocess, data=data, limit=limit, out=out, seed=seed, device=device,
+                          threads=threads,
                           exporter=exporter, shrinker=shrinker, precision=precision, target=target,
                           batches=None if batch is None else [1, batch], max_accuracy_drop=max_accuracy_drop,
                           min_agreement=min_agreement, min_speedup=min_speedup, max_p99_ms=max_p99_ms,
@@ -175,7 +197,8 @@ def build(
 @app.command()
 def sweep(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config: build's keys, where checkpoint, "
-                                                                       "method, ratio and repair may be lists."),
+                                                                       "method, ratio, repair, finetune and the "
+                                                                       "finetune_* keys may be lists."),
     model: Optional[str] = typer.Option(None, help="Model of checkpoints given without MODEL= (see build --model)."),
     checkpoint: Optional[list[str]] = typer.Option(None, help="[MODEL=]PATH: a checkpoint or a folder of them; "
                                                                "repeat for more."),
@@ -190,6 +213,14 @@ def sweep(
     repair: Optional[list[str]] = typer.Option(None, help="A repair as in build --repair (e.g. none, fold-ar, "
                                                            "reconstruct+bn-recalibrate); repeat for more."),
     calibration_data: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
+    finetune: Optional[list[str]] = typer.Option(None, help="Recovery: none, distill; repeat for more."),
+    finetune_epochs: Optional[list[int]] = typer.Option(None, help="Distillation epochs; repeat for more."),
+    finetune_minutes: Optional[list[float]] = typer.Option(None, help="Distillation minutes instead of epochs; "
+                                                                      "repeat for more."),
+    finetune_lr: Optional[list[float]] = typer.Option(None, help="Distillation learning rate; repeat for more."),
+    finetune_batch: Optional[list[int]] = typer.Option(None, help="Distillation batch size; repeat for more."),
+    finetune_images: Optional[list[int]] = typer.Option(None, help="Calibration images distillation trains on "
+                                                                   "(default all); repeat for more."),
     data: Optional[str] = typer.Option(None, help="Labelled evaluation data: .npz (uint8 NHWC x, int y) or image folder."),
     limit: Optional[int] = typer.Option(None, help="Evaluate on the first N images only."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Sweep folder (default runs/sweep); a sweep "
@@ -209,7 +240,8 @@ def sweep(
     trust_checkpoint: bool = typer.Option(False, help="Allow pickled objects in the checkpoints (runs their code!)."),
     quiet: bool = typer.Option(False, help="No progress bars or summary."),
 ):
-    """Compress, export and validate every checkpoint x method x ratio x repair, as foldship build does each one.
+    """Compress, export and validate every checkpoint x method x ratio x repair x recovery, as foldship build does
+    each one.
 
     Rows go to <out>/results.jsonl as jobs finish; a restarted sweep skips the jobs done. Writes the
     paired fold - prune table (sweep.md), accuracy_vs_ratio.png and pareto.png.
@@ -221,6 +253,9 @@ def sweep(
 
         cfg = load_sweep_config(config, model=model, checkpoint=checkpoint or None, method=method or None,
                                 ratio=ratio or None, groups=groups, repair=repair or None,
+                                finetune=finetune or None, finetune_epochs=finetune_epochs or None,
+                                finetune_minutes=finetune_minutes or None, finetune_lr=finetune_lr or None,
+                                finetune_batch=finetune_batch or None, finetune_images=finetune_images or None,
                                 calibration_data=calibration_data, data=data, limit=limit, out=out, seed=seed,
                                 exporter=exporter, shrinker=shrinker, batches=None if batch is None else [1, batch],
                                 threads=threads, executor=executor, address=address, workers=workers,

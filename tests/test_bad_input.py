@@ -286,6 +286,30 @@ def data_empty(inputs):
     return inputs.npz(np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64))
 
 
+# --- recovery (--finetune distill) ------------------------------------------------------------
+
+@case("--finetune distill needs --calibration-data", "never the evaluation set")
+def finetune_without_calibration_data(inputs):
+    return ["--finetune", "distill"]
+
+
+@case("--finetune-epochs must be a whole number >= 1, got 0")
+def finetune_zero_epochs(inputs):  # minutes and learning rate: tests/test_distill.py, through the config
+    return ["--finetune", "distill", "--calibration-data", str(CIFAR_JPEG), "--finetune-epochs", "0"]
+
+
+@case("only holds near-copies of the evaluation images", "use other images")
+def finetune_on_copies_of_the_evaluation_images(inputs):
+    return ["--finetune", "distill", "--calibration-data", str(CIFAR_LOSSLESS)]  # the evaluation images themselves
+
+
+@case("needs at least 64 calibration images (one batch of --finetune-batch 64), got 40", "smaller --finetune-batch")
+def finetune_on_too_few_images(inputs):
+    x = np.load(CIFAR_JPEG)["x"][-40:]  # the last trucks: none is a near-copy of the first 1,000 test images
+    np.savez(inputs.path("few.npz"), x=x)
+    return ["--finetune", "distill", "--calibration-data", inputs.path("few.npz")]
+
+
 # --- the output folder ---------------------------------------------------------------------------
 
 @case("already exists", "pass --overwrite")

@@ -65,3 +65,51 @@ def test_signal_mid_build_keeps_previous_run_or_nothing(tmp_path, signum, ready,
         assert {p.name: p.read_text() for p in out.iterdir()} == PREVIOUS
     else:
         assert list(parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum,previous", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["sigint", "sigterm"])
+def test_signal_during_distillation_keeps_previous_run_or_nothing(tmp_path, signum, previous):
+    """The signal arrives while ``--finetune distill`` trains (its progress bar is on screen): exit 130 and
+    nothing of the interrupted build is left."""
+    import os
+    import threading
+
+    from .conftest import CIFAR_JPEG
+
+    config = tmp_path / "distill.yaml"
+    config.write_text(yaml.safe_dump({"limit": 100, "batches": [1], "exporter": "legacy", "shrinker": "none",
+                                      "calibration_data": str(CIFAR_JPEG), "finetune": "distill",
+                                      "finetune_images": 256, "finetune_batch": 32, "finetune_epochs": 1000}))
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    out = parent / "run"
+    if previous:
+        out.mkdir()
+        for name, text in PREVIOUS.items():
+            (out / name).write_text(text)
+    # FORCE_COLOR: rich draws live progress bars into the pipe, so the test sees the distillation stage start.
+    process = subprocess.Popen(cli_command("build", "--config", str(config), "--out", str(out), "--overwrite"),
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=os.environ | {"FORCE_COLOR": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 600
+        while "img/s" not in "".join(stderr):  # a distillation step has finished
+            assert process.poll() is None, f"the build ended before the signal: {''.join(stderr)}"
+            assert time.monotonic() < deadline, "the build never reached distillation"
+            time.sleep(0.05)
+        process.send_signal(signum)
+        process.wait(timeout=300)
+        reader.join(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, "".join(stderr)
+    assert "interrupted:" in "".join(stderr).strip().splitlines()[-1]
+    if previous:
+        assert [p.name for p in parent.iterdir()] == ["run"]
+        assert {p.name: p.read_text() for p in out.iterdir()} == PREVIOUS
+    else:
+        assert list(parent.iterdir()) == []

@@ -178,3 +178,39 @@ def test_folder_without_checkpoints_is_refused(sweep_config, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadInput, match="no checkpoints"):
         load_sweep_config(sweep_config, checkpoint=[f"cifar_resnet20={tmp_path / 'empty'}"])
+
+
+def test_recovery_is_a_sweep_axis(tmp_path):
+    """finetune and its settings are grid keys: a plain and a distilled job of the same compression, each row
+    carrying its recovery, the before-recovery top-1 of one equal to the plain job's top-1, and selection
+    judging the distilled row like any other."""
+    from foldship.sweep.select import choose
+
+    from .conftest import CIFAR_JPEG
+
+    settings = FAST | {"method": ["fold"], "ratio": [0.3], "repair": ["fold-ar"], "groups": "inner",
+                       "max_accuracy_drop": 1.0, "calibration_data": str(CIFAR_JPEG), "finetune": ["none", "distill"],
+                       "finetune_epochs": [2], "finetune_batch": [32], "finetune_images": [256]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    outcome = run_sweep(load_sweep_config(path, out=str(tmp_path / "sweep")))
+    rows = {r.finetune: r for r in outcome.rows}
+    label = "distill(epochs=2, batch=32, images=256)"
+    assert sorted(rows) == [label, "none"]
+    plain, distilled = rows["none"], rows[label]
+    assert plain.key.endswith("|fold|0.3|fold-ar") and distilled.key == f"{plain.key}|{label}"
+    assert plain.report["recovery"] is None and plain.accuracy_before_recovery is None
+    recovery = distilled.report["recovery"]
+    assert recovery["steps"] == 2 * 256 // 32 and recovery["images"] == 256
+    # The same compressed model before recovery: PyTorch and ONNX Runtime agree on its top-1.
+    assert recovery["before"]["correct"] == plain.report["compressed"]["correct"]
+    assert distilled.accuracy_before_recovery == plain.accuracy
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert f"| fold | 0.3 | fold-ar | {label} | {100 * distilled.accuracy:.1f}% | {100 * plain.accuracy:.1f}% |" in table
+    assert outcome.summary["grid"]["finetunes"] == ["none", label]
+    # 16 steps recover accuracy here (measured on the 1,000 images: 76.3 -> 82.3 %), so a gate between the two
+    # rows' drops selects the distilled job, and one below both selects nothing.
+    assert distilled.accuracy > plain.accuracy
+    drops = [r.baseline_accuracy - r.accuracy for r in (distilled, plain)]
+    assert choose(outcome.rows, "size", {"max_accuracy_drop": sum(drops) / 2}).row.key == distilled.key
+    assert choose(outcome.rows, "size", {"max_accuracy_drop": min(drops) / 2}).row is None

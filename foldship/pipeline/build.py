@@ -11,13 +11,15 @@ from importlib import metadata
 from torch import nn
 
 from ..compress.budget import plan_budget
+from ..compress.distill import check_images, check_trainable, distill
 from ..compress.engine import compress_model
-from ..data import calibration_images, load_images
+from ..data import CalibrationImages, calibration_images, load_images
 from ..data.presets import resolve_preprocessing
 from ..exporters import export_model, export_report
 from ..models.registry import LoadedModel, check_forward, load_model
 from ..models.saved import SPEC_NAME, NotDescribable, save_compressed
 from ..validators import count_macs, count_params, run_folder_artifacts, torch_artifact
+from ..validators.accuracy import classification_scores, evaluate_torch
 from ..validators.stage import validate
 from .config import BuildConfig
 from .environment import fingerprint
@@ -77,6 +79,12 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
             chosen = calibration_images(config.calibration_data, loaded.preprocessing, data,
                                         config.calibration_count, config.seed)
         calibration = None if chosen is None else chosen.x
+        training = None
+        if config.finetune != "none":  # distillation's own draw: all calibration images unless finetune_images
+            training = calibration_images(config.calibration_data, loaded.preprocessing, data,
+                                          config.finetune_images, config.seed)
+            check_images(training.x, config.distill_settings())
+            check_trainable(loaded.model)
     if loaded.baseline_onnx:  # a converted ONNX model must compute what the file computes, before compression
         with progress.stage("check conversion (ONNX Runtime vs PyTorch)"):
             check_conversion(loaded, data.x)
@@ -90,11 +98,12 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
                                 budget.group_ratios() if budget else config.group_ratios, config.protected,
                                 round_to, repair=config.repair,
                                 calibration=calibration, device=config.device, progress=advance)
+    recovery = _recover(config, loaded, result.model, training, data, progress) if training is not None else None
     compressed = result.model.cpu().eval()
     try:  # the compressed model as data (width spec + safetensors), rebuilt by foldship.load_compressed
         spec = save_compressed(compressed, loaded, folder.path(SPEC_NAME), {
             "method": config.method, "ratio": config.ratio, "seed": config.seed, "groups_policy": config.groups,
-            "repair": config.repair, "round_to": round_to})
+            "repair": config.repair, "round_to": round_to, "finetune": config.finetune})
         saved_model = {"spec": spec.name, "weights": spec.with_suffix(".safetensors").name}
     except NotDescribable as exc:  # the ONNX files still ship; the report says why the spec does not
         saved_model = {"skipped": str(exc)}
@@ -118,6 +127,11 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
     for key, model, onnx_file in (("baseline", loaded.model, base_onnx), ("compressed", compressed, comp_onnx)):
         sides[key] = {"params": count_params(model), "macs": macs[key], **validation.report[key],
                       "onnx": asdict(onnx_file) | {"path": f"{key}.onnx"}}
+    if recovery is not None:
+        comp = validation.report["compressed"]
+        recovery["after"] = {"backend": "onnxruntime-cpu", "artifact": "compressed.onnx", "accuracy": comp["accuracy"],
+                             "correct": comp["correct"], "total": comp["total"],
+                             "top1_agreement": validation.report["agreement"]["top1_agreement"]}
     compression = result.summary()
     compression["budget"] = budget.summary() if budget else None
     compression["groups_compressed"] = sum(g["action"] in ("folded", "pruned") for g in compression["groups"])
@@ -135,6 +149,8 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
         "seed": config.seed,
         "groups_policy": config.groups,
         "repair": config.repair,
+        "finetune": config.finetune,
+        "recovery": recovery,
         "residual_streams": result.residual_streams,
         "round_to": round_to,
         "device": config.device,
@@ -145,4 +161,24 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
         "export": export_report(export_options, exported),
         "environment": fingerprint(),
     }, validation.samples
+
+
+def _recover(config: BuildConfig, loaded: LoadedModel, compressed, images: CalibrationImages, data,
+             progress: StageProgress) -> dict:
+    """Distil the uncompressed model into ``compressed`` (in place) on unlabelled ``images``; returns the report's
+    ``recovery`` section, with top-1 and agreement before recovery measured in PyTorch on the CPU (the model
+    before recovery is never exported). The evaluation labels score that model here; ``distill`` never sees them."""
+    compressed.cpu()
+    base, before = evaluate_torch(loaded.model, data.x), evaluate_torch(compressed, data.x)
+    scores = classification_scores(before, data.y, loaded.num_classes)
+    settings = config.distill_settings()
+    epochs = settings.planned_epochs
+    steps = None if epochs is None else epochs * (len(images.x) // settings.batch)
+    black = [-m / s for m, s in zip(loaded.preprocessing.mean, loaded.preprocessing.std)]  # crop padding
+    with progress.stage("recover (distill)", total=steps) as advance:
+        record = distill(compressed, loaded.model, images.x, settings, config.device, black, advance)
+    return {**record.as_dict(), "calibration": images.summary(), "plot": "recovery.png",
+            "before": {"backend": "torch-cpu", "artifact": "compressed model before recovery (PyTorch)",
+                       "accuracy": scores["accuracy"], "correct": scores["correct"], "total": scores["total"],
+                       "top1_agreement": float((before.top1 == base.top1).mean())}}
 

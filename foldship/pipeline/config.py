@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from ..compress.budget import check_targets
+from ..compress.distill import FINETUNES, DistillSettings
 from ..compress.engine import GROUP_POLICIES, METHODS, resolve_device
 from ..data.presets import resolve_preprocessing
 from ..compress.repairs import check_repair
@@ -41,8 +42,16 @@ class BuildConfig:
     ratio: float = 0.3
     groups: str = "all"
     repair: str = "none"
-    calibration_data: str | None = None  # unlabelled images for reconstruct and bn-recalibrate (never the evaluation set)
+    calibration_data: str | None = None  # unlabelled images for reconstruct, bn-recalibrate, finetune (never evaluated)
     calibration_count: int = 512
+    # Recovery after compression (foldship.compress.distill, docs/recovery.md): label-free distillation on the
+    # calibration images. Unset settings take the defaults there; they apply only with finetune: distill.
+    finetune: str = "none"  # distill: train the compressed model to match the uncompressed model's outputs
+    finetune_epochs: int | None = None  # default 2; or finetune_minutes, not both
+    finetune_minutes: float | None = None  # a wall-clock budget instead of epochs (not byte-reproducible)
+    finetune_lr: float | None = None  # AdamW learning rate, default 0.0005
+    finetune_batch: int | None = None  # default 64
+    finetune_images: int | None = None  # calibration images distillation trains on; default all of them
     group_ratios: dict[str, float] = field(default_factory=dict)
     protected: list[str] | None = None  # module names whose outputs stay whole; default: classifier
     round_to: int | None = None  # kept widths a multiple of this; default 1, or 8 with a budget target
@@ -102,6 +111,7 @@ class BuildConfig:
         if self.groups not in GROUP_POLICIES:
             raise BadInput(f"unknown groups policy {self.groups!r}; choose one of {', '.join(GROUP_POLICIES)}")
         self.repair = check_repair(self.repair, bool(self.calibration_data))
+        self.check_finetune()
         self.export_options().validate()
         if self.min_fp16_agreement is not None and not 0 <= self.min_fp16_agreement <= 1:
             raise BadInput(f"min_fp16_agreement is a fraction in [0, 1], got {self.min_fp16_agreement}")
@@ -114,6 +124,32 @@ class BuildConfig:
         check_limits(self.gate_limits())
         self.check_weights()
         return self
+
+    def check_finetune(self) -> None:
+        if self.finetune not in FINETUNES:
+            raise BadInput(f"unknown finetune {self.finetune!r}; choose one of {', '.join(FINETUNES)}")
+        given = [name for name in ("finetune_epochs", "finetune_minutes", "finetune_lr", "finetune_batch",
+                                   "finetune_images") if getattr(self, name) is not None]
+        if self.finetune == "none":
+            if given:
+                raise BadInput(f"{', '.join('--' + n.replace('_', '-') for n in given)} only apply to recovery; "
+                               f"add --finetune distill")
+            return
+        if not self.calibration_data:
+            raise BadInput("--finetune distill needs --calibration-data PATH (unlabelled images from your domain, "
+                           "never the evaluation set)")
+        if self.finetune_images is not None and (isinstance(self.finetune_images, bool)
+                                                 or not isinstance(self.finetune_images, int)
+                                                 or self.finetune_images < 1):
+            raise BadInput(f"--finetune-images must be a whole number >= 1, got {self.finetune_images!r}")
+        self.distill_settings().check()
+
+    def distill_settings(self) -> DistillSettings:
+        defaults = DistillSettings()
+        return DistillSettings(self.finetune_epochs, self.finetune_minutes,
+                               defaults.lr if self.finetune_lr is None else self.finetune_lr,
+                               defaults.batch if self.finetune_batch is None else self.finetune_batch,
+                               self.seed, self.threads)
 
     def check_weights(self) -> None:
         """Fill in the model's own shared-data checkpoint; refuse what random weights cannot judge.

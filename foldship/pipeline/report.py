@@ -41,6 +41,11 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
          f"{_fmt_pct(comp['accuracy'])} ({comp['correct']}/{comp['total']})",
          f"{100 * (comp['accuracy'] - base['accuracy']):+.1f} pt"),
     ]
+    before = (report.get("recovery") or {}).get("before")
+    if before:
+        rows.append((f"top-1 before recovery ({before['backend']})", "",
+                     f"{_fmt_pct(before['accuracy'])} ({before['correct']}/{before['total']})",
+                     f"{100 * (before['accuracy'] - base['accuracy']):+.1f} pt"))
     if base.get("top5_accuracy") is not None:
         rows.append(("top-5 (ONNX Runtime)", _fmt_pct(base["top5_accuracy"]), _fmt_pct(comp["top5_accuracy"]),
                      f"{100 * (comp['top5_accuracy'] - base['top5_accuracy']):+.1f} pt"))
@@ -143,6 +148,7 @@ def render_markdown(report: dict) -> str:
                   f"({report['compression']['groups_compressed']} of {len(report['compression']['groups'])} "
                   f"compressed); residual streams {report['residual_streams']}; seed {report['seed']}.", ""]
     lines += ["![latency distributions](latency.png)", ""]
+    lines += recovery_lines(report.get("recovery"))
     lines += budget_lines((report.get("compression") or {}).get("budget"))
     lines += target_lines(report)
     lines += reconstruction_lines((report.get("compression") or {}).get("reconstruction"))
@@ -166,6 +172,30 @@ def render_markdown(report: dict) -> str:
               f"{onnxruntime_version(env)}, {env['cpu']} ({env['cpu_count']} cores)"
               + (f", GPU {env['gpu']['name']}" if env.get("gpu") else "") + ".", ""]
     return "\n".join(lines)
+
+
+def recovery_lines(recovery: dict | None) -> list[str]:
+    """What recovery did and what it bought: top-1 and agreement before and after, and the loss curve."""
+    if not recovery:
+        return []
+    budget, calibration = recovery["budget"], recovery["calibration"]
+    planned = f"{budget['epochs']} epoch(s)" if "epochs" in budget else f"a {budget['minutes']:g}-minute budget"
+    lines = ["## Recovery", "",
+             f"Label-free distillation ({recovery['method']}) on {recovery['images']:,} unlabelled calibration images "
+             f"(of {calibration['path']}'s {calibration['read']:,}; {calibration['dropped_near_copies']:,} dropped as "
+             f"near-copies of the evaluation images), {planned}: {recovery['steps']} steps of {recovery['batch']} images "
+             f"({recovery['epochs']:g} epochs) in {recovery['seconds']:.0f} s on {recovery['device']} "
+             f"({recovery['threads']} threads, {recovery['images_per_second']:,.0f} images/s). "
+             f"{recovery['optimizer']}, learning rate {recovery['lr']:g}, {recovery['schedule']}; "
+             f"KL divergence at temperature {recovery['temperature']:g}; BatchNorm {recovery['batchnorm']}; "
+             f"augmentation: {recovery['augmentation']}; seed {recovery['seed']}.", "",
+             "| | top-1 | agreement with baseline | measured on |", "|---|---:|---:|---|"]
+    for name in ("before", "after"):
+        side = recovery.get(name)
+        if side:
+            lines.append(f"| {name} recovery | {_fmt_pct(side['accuracy'])} ({side['correct']}/{side['total']}) | "
+                         f"{_fmt_pct(side['top1_agreement'])} | {side['backend']} ({side['artifact']}) |")
+    return lines + ["", f"![distillation loss]({recovery['plot']})", ""]
 
 
 def _model_lines(report: dict) -> list[str]:
@@ -329,6 +359,8 @@ def write_report(folder: str | Path, report: dict, latency_samples: dict) -> Non
     _write_text(folder / "latency_samples.json", json.dumps(latency_samples, separators=(",", ":")) + "\n")
     _write_text(folder / "report.md", render_markdown(report))
     plot_latency(report, latency_samples, folder / "latency.png")
+    if report.get("recovery"):
+        plot_recovery(report["recovery"], folder / report["recovery"]["plot"])
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -378,6 +410,22 @@ def plot_latency(report: dict, latency_samples: dict, path: str | Path) -> None:
         ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
+    _save(figure, Path(path))
+
+
+def plot_recovery(recovery: dict, path: str | Path) -> None:
+    """The distillation loss (mean over each stretch of steps) against epochs."""
+    figure = _figure(5.2, 3.0)
+    ax = figure.subplots()
+    curve = recovery["loss_curve"]
+    ax.plot([p["epoch"] for p in curve], [p["loss"] for p in curve], marker=".", markersize=3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"KL x T^2 (T = {recovery['temperature']:g})")
+    before, after = recovery.get("before"), recovery.get("after")
+    scores = "" if not (before and after) else (f": top-1 {100 * before['accuracy']:.1f} -> "
+                                                  f"{100 * after['accuracy']:.1f} %")
+    ax.set_title(f"distillation on {recovery['images']:,} images{scores}", fontsize=10)
+    ax.grid(alpha=0.3)
     _save(figure, Path(path))
 
 

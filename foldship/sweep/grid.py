@@ -1,13 +1,16 @@
-"""The sweep's settings and its grid: checkpoints x methods x ratios x repairs, one BuildConfig per job.
+"""The sweep's settings and its grid: checkpoints x methods x ratios x repairs x recoveries, one BuildConfig per job.
 
-A sweep config is a build config whose ``checkpoint``, ``method``, ``ratio`` and ``repair`` keys may
-hold lists, plus the few keys only a sweep has (executor, workers, selection). Every job is the
-base build config with those four fields set, so a job is exactly what ``foldship build`` runs.
+A sweep config is a build config whose ``checkpoint``, ``method``, ``ratio`` and ``repair`` keys, and
+the recovery keys (``finetune`` and its settings, RECOVERY_KEYS), may hold lists, plus the few keys
+only a sweep has (executor, workers, selection). Every job is the base build config with those
+fields set, so a job is exactly what ``foldship build`` runs. A recovery is ``none`` or ``distill``
+with one value of each of its settings (unset settings take distillation's defaults).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +26,9 @@ CHECKPOINT_SUFFIXES = (".th", ".pt", ".pth", ".safetensors")
 EXECUTORS = ("local", "ray")
 SELECT_BY = ("latency", "size")
 GRID_KEYS = ("checkpoint", "method", "ratio", "repair")  # list-valued in a sweep, one value per job
+RECOVERY_KEYS = ("finetune", "finetune_epochs", "finetune_minutes", "finetune_lr", "finetune_batch", "finetune_images")
 # Keys that vary per job or only steer the sweep: left out when comparing a resumed sweep's settings.
-PER_JOB = ("model", "checkpoint", "method", "ratio", "repair", "out", "overwrite")
+PER_JOB = ("model", "checkpoint", "method", "ratio", "repair", "out", "overwrite", *RECOVERY_KEYS)
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,20 @@ class Job:
     method: str
     ratio: float
     repair: str
+    recovery: tuple[tuple[str, object], ...] = ()  # (RECOVERY_KEYS name, value) set for this job; () for none
+
+    @property
+    def finetune(self) -> str:
+        """The recovery as one label: ``none``, or e.g. ``distill(epochs=4, lr=0.01)`` (settings given)."""
+        settings = dict(self.recovery)
+        method = settings.pop("finetune", "none")
+        given = ", ".join(f"{name[len('finetune_'):]}={value!r}" for name, value in settings.items())
+        return f"{method}({given})" if given else method
 
     @property
     def key(self) -> str:
-        return f"{self.checkpoint.model}|{self.checkpoint.sha256[:16]}|{self.method}|{self.ratio!r}|{self.repair}"
+        key = f"{self.checkpoint.model}|{self.checkpoint.sha256[:16]}|{self.method}|{self.ratio!r}|{self.repair}"
+        return key if self.finetune == "none" else f"{key}|{self.finetune}"  # keys of sweeps without recovery stay
 
 
 @dataclass
@@ -55,6 +69,7 @@ class SweepConfig:
     methods: list[str]
     ratios: list[float]
     repairs: list[str]
+    recoveries: dict[str, list] = field(default_factory=dict)  # RECOVERY_KEYS given -> their values
     out: str = "runs/sweep"
     executor: str = "local"
     address: str | None = None  # an existing Ray cluster; None starts a local Ray instance
@@ -70,15 +85,29 @@ class SweepConfig:
             for method in self.methods:
                 for ratio in self.ratios:
                     for repair in self.repairs:
-                        job = Job(checkpoint, method, ratio, repair)
-                        seen.setdefault(job.key, job)  # the same file twice is one set of jobs
+                        for recovery in self.recovery_settings():
+                            job = Job(checkpoint, method, ratio, repair, recovery)
+                            seen.setdefault(job.key, job)  # the same file twice is one set of jobs
         self.jobs = list(seen.values())
+
+    def recovery_settings(self) -> list[tuple[tuple[str, object], ...]]:
+        """Every recovery of the grid: ``none`` once, and each method with every combination of its settings."""
+        settings = {name: values for name, values in self.recoveries.items() if name != "finetune"}
+        found = []
+        for method in self.recoveries.get("finetune", ["none"]):
+            if method == "none":
+                found.append(())
+                continue
+            for values in itertools.product(*settings.values()):
+                found.append((("finetune", method), *zip(settings, values)))
+        return list(dict.fromkeys(found))
 
     def job_config(self, job: Job, threads: int | None = None) -> BuildConfig:
         """The build config of one job (``out`` is set by whoever runs it)."""
+        recovery = {name: None for name in RECOVERY_KEYS} | {"finetune": "none"} | dict(job.recovery)
         return dataclasses.replace(self.base, model=job.checkpoint.model, checkpoint=job.checkpoint.path,
                                    method=job.method, ratio=job.ratio, repair=job.repair, overwrite=True,
-                                   threads=self.base.threads if threads is None else threads)
+                                   threads=self.base.threads if threads is None else threads, **recovery)
 
     def settings(self) -> dict:
         """What every row of one sweep folder must share; a resumed sweep must match it.
@@ -124,17 +153,18 @@ def load_sweep_config(path: str | Path | None = None, **overrides) -> SweepConfi
     values.update({k: v for k, v in overrides.items() if v is not None})
     sweep = {name: values.pop(name) for name in ("executor", "address", "workers", "select", "select_by", "out",
                                                  "overwrite") if name in values}
-    grid = {name: _as_list(values.pop(name)) for name in GRID_KEYS if name in values}
+    grid = {name: _as_list(values.pop(name)) for name in GRID_KEYS + RECOVERY_KEYS if name in values}
     for name, items in grid.items():
         if not items:
             raise BadInput(f"{name} needs at least one value")
-    # The base config carries each grid key's first value, so load_config checks every other key as build does.
-    base = load_config(None, **values, **{name: items[0] for name, items in grid.items() if name != "checkpoint"})
+    # The base config carries each grid key's first value, so load_config checks every other key as build does;
+    # recovery settings are checked job by job (check_sweep), as they apply only to jobs that recover.
+    base = load_config(None, **values, **{name: items[0] for name, items in grid.items() if name in GRID_KEYS[1:]})
     checkpoints = _checkpoints(grid.get("checkpoint", [base.checkpoint]), base.model)
     return SweepConfig(base, checkpoints, grid.get("method", [base.method]),
                        [check_ratio(r) for r in grid.get("ratio", [base.ratio])],
                        [canonical_repair(r) for r in grid.get("repair", [base.repair])],
-                       **sweep)
+                       {name: items for name, items in grid.items() if name in RECOVERY_KEYS}, **sweep)
 
 
 def check_sweep(config: SweepConfig) -> SweepConfig:
@@ -149,6 +179,10 @@ def check_sweep(config: SweepConfig) -> SweepConfig:
         raise BadInput(f"workers must be >= 1, got {config.workers}")
     if config.select_by not in SELECT_BY:
         raise BadInput(f"unknown --select-by {config.select_by!r}; choose one of {', '.join(SELECT_BY)}")
+    settings = sorted(set(config.recoveries) - {"finetune"})
+    if settings and set(config.recoveries.get("finetune", ["none"])) == {"none"}:
+        raise BadInput(f"{', '.join('--' + n.replace('_', '-') for n in settings)} only apply to recovery; add "
+                       f"--finetune distill")
     for job in config.jobs:
         config.job_config(job).validate()
     loaded = set()

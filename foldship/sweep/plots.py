@@ -27,8 +27,8 @@ def _label(ax, title: str, xlabel: str) -> None:
 
 
 def plot_accuracy_vs_ratio(rows: list[Row], path: Path) -> None:
-    """One panel per (model, repair): top-1 against ratio per method, mean over checkpoints, min-max band."""
-    panels = _by(rows, "model", "repair")
+    """One panel per (model, repair + recovery): top-1 against ratio per method, mean over checkpoints, min-max band."""
+    panels = _by(rows, "model", "treatment")
     models = sorted({model for model, _ in panels})
     repairs = sorted({repair for _, repair in panels})
     figure = _figure(4.2 * len(repairs), 3.2 * len(models))
@@ -64,7 +64,7 @@ def plot_pareto(rows: list[Row], path: Path) -> None:
     axes = np.atleast_1d(figure.subplots(1, len(panels), squeeze=False)[0])
     colours = {m: f"C{i}" for i, m in enumerate(sorted({r.method for r in rows}))}
     for ax, ((model,), members) in zip(axes, panels.items()):
-        for (method, repair), series in _by(members, "method", "repair").items():
+        for (method, repair), series in _by(members, "method", "treatment").items():
             ax.scatter([r.latency_ms() for r in series], [100 * r.accuracy for r in series], color=colours[method],
                        marker=MARKERS.get(repair, "D"), s=22, label=f"{method} + {repair}")
         front = pareto_front(members)

@@ -110,7 +110,8 @@ def _summary(config: SweepConfig, executor, status: str) -> dict:
         "status": status,
         "settings": _settings_json(config),
         "grid": {"checkpoints": [asdict(c) for c in config.checkpoints], "methods": config.methods,
-                 "ratios": config.ratios, "repairs": config.repairs, "jobs": len(config.jobs)},
+                 "ratios": config.ratios, "repairs": config.repairs,
+                 "finetunes": list(dict.fromkeys(job.finetune for job in config.jobs)), "jobs": len(config.jobs)},
         "executor": dataclasses.asdict(executor),
         "environment": fingerprint(),  # the driver's; each row's report holds its own node's
     }

@@ -38,11 +38,23 @@ class Row:
     threads: int
     seconds: float
     report: dict  # the job's report.json, whole
+    finetune: str = "none"  # the job's recovery (Job.finetune); rows of sweeps without recovery have none
 
     @classmethod
     def from_build(cls, job: Job, report: dict, node: dict, threads: int, seconds: float) -> "Row":
         c = job.checkpoint
-        return cls(job.key, c.model, c.path, c.sha256, job.method, job.ratio, job.repair, node, threads, seconds, report)
+        return cls(job.key, c.model, c.path, c.sha256, job.method, job.ratio, job.repair, node, threads, seconds, report,
+                   job.finetune)
+
+    @property
+    def treatment(self) -> str:
+        """What followed compression: the repair, then the recovery when there is one."""
+        return self.repair if self.finetune == "none" else f"{self.repair} + {self.finetune}"
+
+    @property
+    def accuracy_before_recovery(self) -> float | None:
+        recovery = self.report.get("recovery")
+        return recovery["before"]["accuracy"] if recovery else None
 
     # The numbers the plots, the table and the selection read, from the report.
     @property

@@ -15,7 +15,7 @@ PRUNERS = ("prune-l1", "prune-l2")
 class PairedDifference:
     """Fold against one pruner at one (repair, ratio): top-1 differences over the checkpoints both ran on."""
 
-    repair: str
+    repair: str  # Row.treatment: the repair, and the recovery when there is one
     ratio: float
     pruner: str
     checkpoints: int
@@ -32,9 +32,9 @@ class PairedDifference:
 
 
 def paired_differences(rows: list[Row]) -> list[PairedDifference]:
-    by_job = {(r.repair, r.ratio, r.method, r.model, r.checkpoint_sha256): r for r in rows}
+    by_job = {(r.treatment, r.ratio, r.method, r.model, r.checkpoint_sha256): r for r in rows}
     result = []
-    for repair, ratio in sorted({(r.repair, r.ratio) for r in rows}):
+    for repair, ratio in sorted({(r.treatment, r.ratio) for r in rows}):
         folds = {k[3:]: r for k, r in by_job.items() if k[:3] == (repair, ratio, "fold")}
         for pruner in PRUNERS:
             pairs = [(f, by_job[(repair, ratio, pruner, *checkpoint)]) for checkpoint, f in sorted(folds.items())
@@ -57,7 +57,7 @@ def render_markdown(summary: dict, rows: list[Row], paired: list[PairedDifferenc
         "# foldship sweep", "",
         f"{len(rows)} jobs: {len(summary['grid']['checkpoints'])} checkpoint(s) x methods "
         f"{', '.join(summary['grid']['methods'])} x ratios {', '.join(map(str, summary['grid']['ratios']))} x repairs "
-        f"{', '.join(summary['grid']['repairs'])}; seed {summary['settings']['seed']}; executor {plan['name']}, "
+        f"{', '.join(summary['grid']['repairs'])} x recoveries {', '.join(summary['grid'].get('finetunes', ['none']))}; seed {summary['settings']['seed']}; executor {plan['name']}, "
         f"{plan['threads']} thread(s) per job; driver on {env['cpu']} ({env['cpu_count']} cores).", "",
         "## Fold - prune, paired by checkpoint", "",
         "Top-1 on the evaluation images (ONNX Runtime CPU), mean over the checkpoints both methods ran on; the "
@@ -77,11 +77,14 @@ def render_markdown(summary: dict, rows: list[Row], paired: list[PairedDifferenc
     elif selection:
         lines += [f"Nothing selected: {selection['reason']}.", ""]
     lines += ["## Jobs", "",
-              "| model | checkpoint | method | ratio | repair | top-1 | baseline | ONNX size | p50 ms (batch) | gates | node | s |",
-              "|---|---|---|---:|---|---:|---:|---:|---:|---|---|---:|"]
-    for r in sorted(rows, key=lambda r: (r.model, r.checkpoint, r.repair, r.method, r.ratio)):
+              "| model | checkpoint | method | ratio | repair | recovery | top-1 | before recovery | baseline | ONNX size | "
+              "p50 ms (batch) | gates | node | s |",
+              "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    for r in sorted(rows, key=lambda r: (r.model, r.checkpoint, r.repair, r.finetune, r.method, r.ratio)):
         lines.append(f"| {r.model} | {r.checkpoint.rsplit('/', 1)[-1]} | {r.method} | {r.ratio} | {r.repair} | "
-                     f"{_fmt_pct(r.accuracy)} | {_fmt_pct(r.baseline_accuracy)} | {_fmt_size(r.size_bytes)} | "
+                     f"{r.finetune} | {_fmt_pct(r.accuracy)} | "
+                     f"{'' if r.accuracy_before_recovery is None else _fmt_pct(r.accuracy_before_recovery)} | "
+                     f"{_fmt_pct(r.baseline_accuracy)} | {_fmt_size(r.size_bytes)} | "
                      f"{r.latency_ms():.2f} ({r.latency_batch}) | {'pass' if r.passes(limits) else 'fail'} | "
                      f"{r.node['hostname']} | {r.seconds:.0f} |")
     return "\n".join(lines) + "\n"
