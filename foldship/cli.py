@@ -39,8 +39,9 @@ TARGET_HELP = {
     "latency": "Budget: choose per-group widths so ONNX Runtime CPU latency (batch 16, this machine) is at most "
                "this fraction of the baseline's (overrides --ratio).",
 }
-ROUND_TO_HELP = ("Kept widths a multiple of this (8 suits CPU/GPU kernels); default 1, or 8 with "
-                 "--target-macs/--target-latency.")
+ROUND_TO_HELP = ("Kept widths a multiple of this, or auto: the kernel block of the target (ONNX Runtime CPU: 16 on "
+                 "AVX-512, 8 on AVX2/ARM; TensorRT: 8). Default: auto with --target-macs/--target-latency, "
+                 "--target tensorrt or a GPU backend, else 1 (raw widths).")
 CHECKPOINT_MAP_HELP = ("How checkpoint names meet the model's: names (default) or by-order (i-th tensor to i-th, "
                        "every shape checked); a rename table goes in the config.")
 
@@ -51,7 +52,10 @@ def _terminate(signum, frame):
 
 def _run(fn) -> None:
     """Run a command body, turning foldship errors into one line and an exit code."""
+    from .pipeline.environment import keep_freed_memory
+
     signal.signal(signal.SIGTERM, _terminate)
+    keep_freed_memory()  # forward passes reuse freed activations instead of page-faulting them in again
     try:
         fn()
     except FoldshipError as exc:
@@ -85,7 +89,7 @@ def build(
                                                    "only the change compression made is applied)."),
     calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate; near-copies of "
                                                             "evaluation images are dropped."),
-    round_to: Optional[int] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
+    round_to: Optional[str] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
     checkpoint_map: Optional[str] = typer.Option(None, help=CHECKPOINT_MAP_HELP),
@@ -122,7 +126,7 @@ def build(
         from .pipeline.progress import StageProgress
 
         cfg = load_config(config, model=model, checkpoint=checkpoint, method=method, ratio=ratio, groups=groups,
-                          repair=repair, calibration_data=calibration_data, round_to=round_to,
+                          repair=repair, calibration_data=calibration_data, round_to=_round_to(round_to),
                           target_macs=target_macs, target_latency=target_latency, checkpoint_map=checkpoint_map,
                           preprocess=preprocess, data=data, limit=limit, out=out, seed=seed, device=device,
                           exporter=exporter, shrinker=shrinker, precision=precision, target=target,
@@ -350,7 +354,7 @@ def compress(
                                             "(BN statistics re-measured on --calibration-data; only the change "
                                             "compression made is applied)."),
     calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate."),
-    round_to: Optional[int] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
+    round_to: Optional[str] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
     checkpoint_map: Optional[str] = typer.Option(None, help=CHECKPOINT_MAP_HELP),
@@ -369,6 +373,7 @@ def compress(
 
         from .compress import compress_model
         from .compress.budget import plan_budget
+        from .compress.widths import width_rule
         from .data import calibration_images
         from .models import load_model
         from .models.saved import SPEC_NAME, save_compressed
@@ -381,12 +386,14 @@ def compress(
             if calibration_data:  # no evaluation set in this stage: nothing to keep calibration apart from
                 calibration = calibration_images(calibration_data, loaded.preprocessing, None)
             example = loaded.example_inputs(2)
-            budget = plan_budget(loaded.model, example, method, target_macs, target_latency, round_to, groups,
+            widths = width_rule(_round_to(round_to), budget=target_macs is not None or target_latency is not None)
+            budget = plan_budget(loaded.model, example, method, target_macs, target_latency, widths.round_to, groups,
                                  calibration=calibration, seed=seed, repair=repair)
             result = compress_model(loaded.model, example, method, ratio, seed, groups,
-                                    budget.group_ratios() if budget else None, round_to=budget.align if budget else 1 if round_to is None else round_to,
+                                    budget.group_ratios() if budget else None, round_to=widths.round_to,
                                     repair=repair, calibration=calibration, device=device)
-            summary = result.summary() | {"budget": budget.summary() if budget else None}
+            summary = result.summary() | {"budget": budget.summary() if budget else None,
+                                          "width_rule": widths.as_dict()}
             save_compressed(result.model.cpu(), loaded, folder.path(SPEC_NAME), summary)
             folder.path("compression.json").write_text(json.dumps(summary, indent=2) + "\n")
             final = folder.commit()
@@ -440,10 +447,11 @@ def _print_summary(report: dict, folder: str) -> None:
     for row in summary_rows(report):
         table.add_row(*row)
     out.print(table)
-    fraction = report["speedup_vs_mac_ratio"]
-    out.print(f"top-1 agreement {100 * report['agreement']['top1_agreement']:.1f}%, speedup / MAC reduction "
-                      f"{'n/a' if fraction is None else f'{fraction:.2f}'}"
-                      + (f"; residual streams {report['residual_streams']}" if "residual_streams" in report else ""))
+    out.print(f"top-1 agreement {100 * report['agreement']['top1_agreement']:.1f}%"
+              + (f"; residual streams {report['residual_streams']}" if "residual_streams" in report else ""))
+    speed = report.get("speed")
+    if speed:  # the last line: what the compression bought on the shipped runtime, a slowdown named as one
+        out.print(f"speed on ONNX Runtime CPU: {speed['sentence']}", highlight=False)
 
 
 def _exit_on_failed_gates(report: dict, folder: str) -> None:
@@ -451,6 +459,11 @@ def _exit_on_failed_gates(report: dict, folder: str) -> None:
     if failed:
         err.print(f"[bold red]gate failed:[/] {', '.join(failed)} (report in {folder})")
         raise typer.Exit(3)
+
+
+def _round_to(text: str | None) -> int | str | None:
+    """--round-to: a whole number, or auto (anything else is left for check_round_to to refuse)."""
+    return int(text) if text is not None and text.lstrip("-").isdigit() else text
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:

@@ -5,7 +5,7 @@ from .artifacts import (Artifact, OrtSettings, available_backends, engine_artifa
                         torch_artifact)
 from .complexity import count_macs, count_params, onnx_macs
 from .gates import GateResult, evaluate_gates
-from .latency import LatencyProtocol, LatencyStats, time_artifact
+from .latency import LatencyProtocol, LatencyStats, time_artifact, time_artifacts
 
 __all__ = [
     "Predictions", "classification_scores", "evaluate_onnx", "evaluate_torch", "predict",
@@ -13,7 +13,7 @@ __all__ = [
     "Artifact", "OrtSettings", "available_backends", "onnx_artifact", "torch_artifact", "engine_artifact",
     "run_folder_artifacts",
     "count_params", "count_macs", "onnx_macs",
-    "LatencyProtocol", "LatencyStats", "time_artifact",
+    "LatencyProtocol", "LatencyStats", "time_artifact", "time_artifacts",
     "GateResult", "evaluate_gates",
 ]
 
