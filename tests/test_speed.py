@@ -71,3 +71,9 @@ def test_min_speedup_judges_the_intervals_lower_end():
     speed = Speedup(1.3, 1.05, 1.4, 6, 0.97)
     failing, passing = (evaluate_gates({"speedup": speed.judged}, {"min_speedup": limit})[0] for limit in (1.1, 1.0))
     assert (failing.passed, failing.value, passing.passed) == (False, 1.05, True)
+
+
+def test_a_report_entry_reads_back_as_the_same_speedup():
+    speed = Speedup(1.25, 1.125, 1.5, 3, 0.75)  # values exact in the report's 4 decimals
+    entry = speed_summary(speed, "onnxruntime-cpu", 16, 0.5)
+    assert Speedup.from_dict(entry) == speed and entry["verdict"] == "faster" and entry["realised_share"] == 0.25

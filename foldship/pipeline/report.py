@@ -74,7 +74,7 @@ def _change(report: dict, backend: str, batch: str) -> str:
     interval = (report.get("speedup_interval") or {}).get(backend, {}).get(batch)
     if interval is None:  # a report from before intervals: the point estimate alone
         return change_text(Speedup(report["speedup"][backend][batch], None, None, 1, None))
-    return change_text(Speedup(*(interval[k] for k in ("value", "low", "high", "blocks", "confidence"))))
+    return change_text(Speedup.from_dict(interval))
 
 
 def _percentiles(stats: dict) -> str:
@@ -328,7 +328,7 @@ def speed_cell(speed: dict | None) -> str:
     """A report's headline speed for a table cell: the change and, when faster, the share realised."""
     if not speed:
         return "n/a"
-    text = change_text(Speedup(*(speed[k] for k in ("value", "low", "high", "blocks", "confidence"))))
+    text = change_text(Speedup.from_dict(speed))
     share = speed.get("realised_share")
     return f"{text} at batch {speed['batch']}" + (f", {100 * share:.0f} % of possible"
                                                   if share is not None and speed["verdict"] == "faster" else "")

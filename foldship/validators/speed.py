@@ -41,6 +41,11 @@ class Speedup:
             return cls(statistics.median(ratios), None, None, k, None)
         return cls(statistics.median(ratios), min(ratios), max(ratios), k, 1.0 - 2.0 ** (1 - k))
 
+    @classmethod
+    def from_dict(cls, entry: dict) -> "Speedup":
+        """Back from ``as_dict`` (a report's ``speed`` or ``speedup_interval`` entry)."""
+        return cls(entry["value"], entry["low"], entry["high"], entry["blocks"], entry["confidence"])
+
     @property
     def verdict(self) -> str:
         """faster, slower, or no measurable difference (the interval holds 1.0); without an
