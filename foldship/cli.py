@@ -451,7 +451,7 @@ def _print_summary(report: dict, folder: str) -> None:
               + (f"; residual streams {report['residual_streams']}" if "residual_streams" in report else ""))
     speed = report.get("speed")
     if speed:  # the last line: what the compression bought on the shipped runtime, a slowdown named as one
-        out.print(f"speed on ONNX Runtime CPU: {speed['sentence']}", highlight=False)
+        out.print(f"speed on ONNX Runtime CPU: {speed['sentence']}", highlight=False, soft_wrap=True)
 
 
 def _exit_on_failed_gates(report: dict, folder: str) -> None:
