@@ -226,7 +226,8 @@ def validate(
     out: str = typer.Option("runs/validate", "--out", "-o", help="Folder to write (default runs/validate)."),
     batch: Optional[int] = typer.Option(None, help="The larger batch size timed besides batch 1 (default 64)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for ONNX Runtime and PyTorch (0: all cores)."),
-    trials: Optional[int] = typer.Option(None, help="Blocks per model, alternating models (A B A B); samples pool."),
+    trials: Optional[int] = typer.Option(None, help="Blocks per model, the models taking turns (A B, B A, ...; default "
+                                                    "6); 3 or more give the speedup an interval."),
     min_seconds: Optional[float] = typer.Option(None, help="Minimum time per latency measurement (default 1 s)."),
     backend: Optional[list[str]] = typer.Option(None, help="Backend(s) to use (default: every one available)."),
     max_accuracy_drop: Optional[float] = GATE_OPTIONS["max_accuracy_drop"],
@@ -267,7 +268,8 @@ def bench(
     artifact: Path = typer.Argument(..., help="An .onnx file or a TensorRT .engine/.plan to time."),
     batch: Optional[int] = typer.Option(None, help="The larger batch size timed besides batch 1 (default 64)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for ONNX Runtime (0: all cores)."),
-    trials: Optional[int] = typer.Option(None, help="Blocks per backend; samples pool."),
+    trials: Optional[int] = typer.Option(None, help="Blocks per backend and batch (default 6); samples pool, each "
+                                                    "block keeps its p50."),
     min_seconds: Optional[float] = typer.Option(None, help="Minimum time per measurement (default 1 s)."),
     backend: Optional[list[str]] = typer.Option(None, help="Backend(s) to use (default: every one that can run it)."),
     input_shape: Optional[str] = typer.Option(None, help="Input shape without the batch axis, e.g. 3,224,224 "
