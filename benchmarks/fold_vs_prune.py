@@ -48,7 +48,7 @@ def main() -> None:
               for name, (arch, ckpt) in MODELS.items() if name in args.models}
     preprocessing = next(iter(loaded.values())).preprocessing
     evaluation = load_images(SHARED_DATA / "cifar10/cifar10_test_first1000_lossless.npz", preprocessing, num_classes=10)
-    calibration = calibration_images(SHARED_DATA / "cifar10/cifar10_test_10k_from_jpeg.npz", preprocessing, evaluation, 512)
+    calibration = calibration_images(SHARED_DATA / "cifar10/cifar10_test_10k_from_jpeg.npz", preprocessing, evaluation, 512).x
 
     def top1(model) -> float:
         return 100.0 * evaluate_torch(model, evaluation.x).correct(evaluation.y) / len(evaluation)

@@ -1,6 +1,7 @@
 """GPU path check: folding on the GPU against folding on the CPU, and PyTorch CUDA latency of the
-baseline vs the folded model, with CUDA events around each forward pass and with one CUDA graph
-replayed per run.
+baseline vs the folded model (one CUDA graph replayed per run, and plain CUDA events), next to the
+MAC ratio. One call on a bare NVIDIA machine that has PyTorch with CUDA: see benchmarks/gpu_check.sh
+and docs/gpu.md.
 
 Models: the CIFAR ResNet-18 of the papers (``cifar_resnet18``: torchvision resnet18, 3x3 stem, no
 max-pool, 10 classes; random weights, seed 0) and the trained CIFAR-10 ResNet-56 checkpoint, each
@@ -10,14 +11,17 @@ Checks, per model (exit 1 if one fails): the GPU fold has the CPU fold's widths,
 CIFAR-10 test images its logits are within 1e-3 of the largest CPU-fold logit and agree on top-1
 for at least 99 % of the images (both evaluated on the same device in FP32, TF32 off). Also
 reported: whether the two folds merged the same channels (weights equal to 1e-5), compression
-seconds on each device, and top-1 accuracy of baseline and both folds.
+seconds on each device (--fold-repeats runs each, CPU and GPU alternating; the first GPU run pays
+for CUDA start-up), and top-1 of baseline and both folds.
 
-Latency: PyTorch p50 / p90 of baseline and folded model at each batch size, each model timed in
-its own block (foldship's latency protocol, ``torch-cuda`` backend), PyTorch's default math (TF32
-convolutions on), cudnn.benchmark on. Prints one table; writes JSON (--out).
+Latency: PyTorch p50 / p90 of baseline and folded model at each batch size, the two models
+alternating block by block (--trials blocks each, foldship's ``time_blocks`` on the ``torch-cuda``
+backend), PyTorch's default math (TF32 convolutions on), cudnn.benchmark on; the speedup beside the
+MAC ratio and the share of the possible gain it realises, (speedup - 1) / (1 / MAC ratio - 1).
+Prints one table; writes one JSON (--out).
 
-    benchmarks/gpu_check.sh [--ratio 0.5] [--batches 1 256] [--min-seconds 0.5] [--out FILE]
-    benchmarks/gpu_check.sh --device cpu --batches 1 8 --min-seconds 0.05   # this script, without a GPU
+    benchmarks/gpu_check.sh [--ratio 0.5] [--batches 1 128] [--min-seconds 0.5] [--out FILE]
+    benchmarks/gpu_check.sh --device cpu --batches 1 8 --min-seconds 0.05 --images 64  # the script, no GPU
 
 Without a GPU (and without --device cpu) it says so and exits 0 without running anything.
 """
@@ -31,25 +35,117 @@ from pathlib import Path
 
 import torch
 
-from foldship.compress import compress_model
-from foldship.data import load_images
-from foldship.models import load_model
-from foldship.models.registry import Preprocessing
-from foldship.pipeline.config import SHARED_DATA
-from foldship.pipeline.environment import fingerprint
-from foldship.validators import LatencyProtocol, time_artifact, torch_artifact
-
-CIFAR_LOSSLESS = SHARED_DATA / "cifar10/cifar10_test_first1000_lossless.npz"
-RESNET56 = SHARED_DATA / "checkpoints/cifar10_resnet_akamaster/resnet56-4bfd9763.th"
 MAX_LOGIT_DIFF = 1e-3  # of the largest |logit|
 MIN_TOP1_AGREEMENT = 0.99
 SAME_WEIGHTS = 1e-5  # relative: the two folds merged the same channels
 
 
-def models():
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to check this script without a GPU")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--min-seconds", type=float, default=0.5, help="minimum timed seconds per block")
+    parser.add_argument("--trials", type=int, default=3, help="latency blocks per model, alternating (A B A B ...)")
+    parser.add_argument("--fold-repeats", type=int, default=2, help="folds per device, CPU and GPU alternating")
+    parser.add_argument("--images", type=int, default=1000, help="CIFAR-10 test images for the fold check")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_check.json"))
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"gpu_check: no NVIDIA GPU is visible to PyTorch {torch.__version__} (torch.cuda.is_available() is "
+              f"False), so nothing was run and no JSON written; run it on a machine with a GPU, or pass --device cpu "
+              f"to check the script itself", file=sys.stderr)
+        return 0
+    # Imported after the GPU check: a machine without a GPU learns so in a second.
+    from foldship.data import load_images
+    from foldship.models.registry import Preprocessing
+    from foldship.pipeline.config import SHARED_DATA
+    from foldship.pipeline.environment import fingerprint
+
+    started = time.perf_counter()
+    gpu = args.device.startswith("cuda")
+    torch.backends.cudnn.benchmark = True
+    data = load_images(SHARED_DATA / "cifar10/cifar10_test_first1000_lossless.npz", Preprocessing(), args.images,
+                       num_classes=10)
+    results = {}
+    for name, loaded in models(SHARED_DATA):
+        results[name] = check_model(loaded, data, args, gpu)
+        print(f"{name}: done at {time.perf_counter() - started:.0f} s", flush=True)
+    env = fingerprint()
+    device_name = env["gpu"]["name"] if gpu else env["cpu"]
+    print_table(results, args, device_name)
+    passed = all(r["fold_check"]["passed"] for r in results.values())
+    report = {"device": args.device, "device_name": device_name, "ratio": args.ratio, "batches": args.batches,
+              "backend": "torch-cuda" if gpu else "torch-cpu", "cudnn_benchmark": True,
+              "tf32_convolutions": torch.backends.cudnn.allow_tf32, "trials": args.trials,
+              "min_seconds": args.min_seconds, "seconds": round(time.perf_counter() - started, 1), "passed": passed,
+              "models": results, "environment": env}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"{'all checks passed' if passed else 'a fold check FAILED'} in {report['seconds']} s; wrote {args.out}")
+    return 0 if passed else 1
+
+
+def models(shared: Path):
+    from foldship.models import load_model
+
     torch.manual_seed(0)
     yield "resnet18-cifar", load_model("cifar_resnet18")
-    yield "resnet56", load_model("cifar_resnet56", RESNET56)
+    yield "resnet56", load_model("cifar_resnet56", shared / "checkpoints/cifar10_resnet_akamaster/resnet56-4bfd9763.th")
+
+
+def check_model(loaded, data, args, gpu: bool) -> dict:
+    """Fold on both devices (alternating), compare the folds, time both models, count MACs."""
+    from foldship.compress import compress_model
+    from foldship.validators.complexity import count_macs
+
+    example = loaded.example_inputs(2)
+    cpu_folds, device_folds = [], []
+    for _ in range(args.fold_repeats):
+        cpu_folds.append(compress_model(loaded.model, example, "fold", args.ratio, seed=0, device="cpu"))
+        device_folds.append(compress_model(loaded.model, example, "fold", args.ratio, seed=0, device=args.device))
+    cpu_fold, device_fold = cpu_folds[-1], device_folds[-1]
+    check = compare_folds(loaded.model, cpu_fold, device_fold, data.x, data.y, args.device)
+    check["seconds"] = {"cpu_fold": [round(f.seconds, 3) for f in cpu_folds],
+                        "device_fold": [round(f.seconds, 3) for f in device_folds]}
+    print(f"{loaded.name}: fold on {args.device} vs cpu: {'PASS' if check['passed'] else 'FAIL'} (same widths "
+          f"{check['same_widths']}, same merges {check['same_merges']}, max logit diff "
+          f"{check['max_logit_rel_diff']:.1e} of the largest, top-1 agreement {100 * check['top1_agreement']:.1f}%, correct {check['correct']}, fold "
+          f"seconds {check['seconds']})", flush=True)
+    folded = device_fold.model.cpu().eval()
+    macs = {"baseline": count_macs(loaded.model, example), "compressed": count_macs(folded, example)}
+    modes = ("graphs", "events") if gpu else ("host",)
+    latency = {mode: time_pair(loaded.model, folded, loaded.input_shape, args, gpu, mode == "graphs") for mode in modes}
+    mac_ratio = macs["compressed"] / macs["baseline"]
+    speedup = {mode: {key: sides["baseline"][key]["p50_ms"] / sides["compressed"][key]["p50_ms"]
+                      for key in sides["baseline"]} for mode, sides in latency.items()}
+    return {"fold_check": check, "macs": macs, "mac_ratio": mac_ratio, "latency": latency, "speedup": speedup,
+            "realised_share": {mode: {key: realised_share(s, mac_ratio) for key, s in per.items()}
+                               for mode, per in speedup.items()}}
+
+
+def realised_share(speedup: float, mac_ratio: float) -> float | None:
+    """(speedup - 1) / (1 / MAC ratio - 1): 1.0 when latency falls as MACs do, 0 for no change, < 0 slower."""
+    return (speedup - 1) / (1 / mac_ratio - 1) if mac_ratio < 1 else None
+
+
+def time_pair(baseline, folded, input_shape, args, gpu: bool, cuda_graphs: bool) -> dict:
+    """Baseline and folded model alternating block by block (foldship's time_blocks), every batch size."""
+    from foldship.validators import LatencyProtocol, torch_artifact
+    from foldship.validators.stage import ValidationSettings, time_blocks
+
+    protocol = LatencyProtocol(warmup=20, min_runs=30, min_seconds=args.min_seconds, trials=args.trials,
+                               cuda_graphs=cuda_graphs)
+    backend = "torch-cuda" if gpu else "torch-cpu"
+    plan = [(torch_artifact("baseline", baseline), backend), (torch_artifact("compressed", folded), backend)]
+    timed = time_blocks(plan, tuple(input_shape), ValidationSettings(list(args.batches), protocol, backends=[backend]))
+    return {side: {key: stats.as_dict() for key, stats in timed[side][backend].items()} for side in timed}
 
 
 def logits(model: torch.nn.Module, images: torch.Tensor, device: str) -> torch.Tensor:
@@ -85,82 +181,36 @@ def compare_folds(baseline, cpu_fold, device_fold, images, labels, device: str) 
         "images": len(images),
         "correct": {"baseline": int((base.argmax(1) == labels).sum()), "cpu_fold": int((ref.argmax(1) == labels).sum()),
                     "device_fold": int((got.argmax(1) == labels).sum())},
-        "seconds": {"cpu_fold": round(cpu_fold.seconds, 3), "device_fold": round(device_fold.seconds, 3)},
         "passed": same_widths and logit_diff <= MAX_LOGIT_DIFF and agreement >= MIN_TOP1_AGREEMENT,
     }
 
 
-def latency(model: torch.nn.Module, input_shape, batches, modes, backend: str, args) -> dict:
-    timings = {}
-    for mode in modes:
-        protocol = LatencyProtocol(warmup=20, min_runs=30, min_seconds=args.min_seconds, cuda_graphs=mode == "graph")
-        timings[mode] = {f"batch{b}": time_artifact(torch_artifact("model", model), backend, input_shape, b,
-                                                     protocol).as_dict() for b in batches}
-    return timings
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to check this script without a GPU")
-    parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 256])
-    parser.add_argument("--min-seconds", type=float, default=0.5, help="minimum timed seconds per measurement")
-    parser.add_argument("--images", type=int, default=1000, help="CIFAR-10 test images for the fold check")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_check.json"))
-    args = parser.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("gpu_check: no NVIDIA GPU is visible to PyTorch (torch.cuda.is_available() is False), so nothing was "
-              "run; run it on a machine with a GPU, or pass --device cpu to check the script itself",
-              file=sys.stderr)
-        return 0
-    gpu = args.device.startswith("cuda")
-    backend, modes = ("torch-cuda", ("events", "graph")) if gpu else ("torch-cpu", ("host",))
-    torch.backends.cudnn.benchmark = True
-    data = load_images(CIFAR_LOSSLESS, Preprocessing(), args.images, num_classes=10)
-    started, results = time.perf_counter(), {}
-    for name, loaded in models():
-        example = loaded.example_inputs(2)
-        cpu_fold = compress_model(loaded.model, example, "fold", args.ratio, seed=0, device="cpu")
-        device_fold = compress_model(loaded.model, example, "fold", args.ratio, seed=0, device=args.device)
-        check = compare_folds(loaded.model, cpu_fold, device_fold, data.x, data.y, args.device)
-        print(f"{name}: fold on {args.device} vs cpu: {'PASS' if check['passed'] else 'FAIL'} "
-              f"(same widths {check['same_widths']}, same merges {check['same_merges']}, max logit diff "
-              f"{check['max_logit_rel_diff']:.1e} of the largest, top-1 agreement {100 * check['top1_agreement']:.1f}%, "
-              f"correct {check['correct']}, fold seconds {check['seconds']})", flush=True)
-        results[name] = {"fold_check": check, "latency": {
-            side: latency(model, loaded.input_shape, args.batches, modes, backend, args)
-            for side, model in (("baseline", loaded.model), ("compressed", device_fold.model.cpu()))}}
-    env = fingerprint()
-    device_name = env["gpu"]["name"] if gpu else env["cpu"]
-    print_table(results, args, modes, device_name)
-    passed = all(r["fold_check"]["passed"] for r in results.values())
-    report = {"device": args.device, "device_name": device_name, "ratio": args.ratio, "batches": args.batches,
-              "backend": backend, "cudnn_benchmark": True, "tf32_convolutions": torch.backends.cudnn.allow_tf32,
-              "seconds": round(time.perf_counter() - started, 1), "passed": passed, "models": results,
-              "environment": env}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'all checks passed' if passed else 'a fold check FAILED'}; wrote {args.out}")
-    return 0 if passed else 1
-
-
-def print_table(results: dict, args, modes, device_name: str) -> None:
-    head = ["model", "batch"] + [f"{side} {mode} p50/p90 ms" for mode in modes for side in ("baseline", "folded")] + \
-        [f"speedup {mode}" for mode in modes]
+def print_table(results: dict, args, device_name: str) -> None:
+    modes = list(next(iter(results.values()))["latency"])
+    head = ["model", "MAC ratio", "batch"] + [f"{side} {mode} p50/p90 ms" for mode in modes
+                                             for side in ("baseline", "folded")] + \
+        [f"{mode}: speedup (share of possible gain)" for mode in modes]
     rows = []
     for name, r in results.items():
         for b in args.batches:
-            stats = {(side, mode): r["latency"][side][mode][f"batch{b}"] for side in ("baseline", "compressed")
-                     for mode in modes}
-            row = [name, str(b)]
-            row += [f"{stats[side, mode]['p50_ms']:.3f} / {stats[side, mode]['p90_ms']:.3f}"
+            key = f"batch{b}"
+            row = [name, f"{r['mac_ratio']:.3f}", str(b)]
+            row += [f"{r['latency'][mode][side][key]['p50_ms']:.3f} / {r['latency'][mode][side][key]['p90_ms']:.3f}"
                     for mode in modes for side in ("baseline", "compressed")]
-            row += [f"{stats['baseline', mode]['p50_ms'] / stats['compressed', mode]['p50_ms']:.2f}x" for mode in modes]
+            row += [f"{r['speedup'][mode][key]:.2f}x ({_share(r['realised_share'][mode][key])})" for mode in modes]
             rows.append(row)
     widths = [max(len(str(x)) for x in column) for column in zip(head, *rows)]
-    print(f"\nPyTorch latency on {device_name} (fold ratio {args.ratio}, every group, FP32):")
+    print(f"\nPyTorch latency on {device_name} (fold ratio {args.ratio}, every group, FP32; baseline and folded "
+          f"alternating, {args.trials} blocks each):")
     for row in (head, ["-" * w for w in widths], *rows):
         print(" | ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+    for name, r in results.items():
+        seconds = r["fold_check"]["seconds"]
+        print(f"{name}: fold seconds cpu {seconds['cpu_fold']}, {args.device} {seconds['device_fold']}")
+
+
+def _share(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.0f} %"
 
 
 if __name__ == "__main__":

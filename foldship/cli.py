@@ -35,15 +35,36 @@ GATE_OPTIONS = {  # shared by build and validate; each fails the run with exit 3
 
 
 TARGET_HELP = {
-    "macs": "Budget: choose per-group widths so MACs are at most this fraction of the baseline (overrides --ratio).",
+    "macs": "Budget: choose per-group widths so MACs are at most this fraction of the baseline (instead of "
+            "--ratio; replaces a config file's ratio, other target and group_ratios).",
     "latency": "Budget: choose per-group widths so ONNX Runtime CPU latency (batch 16, this machine) is at most "
-               "this fraction of the baseline's (overrides --ratio).",
+               "this fraction of the baseline's (instead of --ratio; replaces a config file's ratio, other "
+               "target and group_ratios).",
 }
+RATIO_HELP = ("Fraction of channels removed per group, in (0, 1). Given here it replaces a config file's "
+              "target_macs/target_latency; with --target-macs/--target-latency it is refused (exit 2).")
+REPAIR_HELP = ("none (default); or steps joined by '+', in this order: fold-ar (data-free variance correction of "
+               "merged clusters; the identity for pruning), reconstruct (each layer's weights re-solved in closed form "
+               "so its outputs on --calibration-data match the uncompressed model's), bn-recalibrate (BN statistics "
+               "re-measured on --calibration-data; only the change compression made is applied). "
+               "E.g. reconstruct+bn-recalibrate.")
+CALIBRATION_HELP = ("Unlabelled images for reconstruct and bn-recalibrate (.npz or image folder); near-copies of "
+                    "evaluation images are dropped.")
 ROUND_TO_HELP = ("Kept widths a multiple of this, or auto: the kernel block of the target (ONNX Runtime CPU: 16 on "
                  "AVX-512, 8 on AVX2/ARM; TensorRT: 8). Default: auto with --target-macs/--target-latency, "
                  "--target tensorrt or a GPU backend, else 1 (raw widths).")
+MODEL_HELP = ("cifar_resnet20..cifar_resnet110, torchvision:<name>, timm:<name>, hf:<id>; your own code as "
+              "path/to/file.py:factory or package.module:factory (this imports and RUNS that code; model_args in the "
+              "config go to the factory); exported:<program.pt2> (torch.export) or onnx:<model.onnx>. "
+              "See docs/models.md.")
 CHECKPOINT_MAP_HELP = ("How checkpoint names meet the model's: names (default) or by-order (i-th tensor to i-th, "
                        "every shape checked); a rename table goes in the config.")
+
+
+# Packages of the full install that the timing-only install leaves out.
+HEAVY_PACKAGES = ("torch", "torchvision", "torch_pruning", "onnx", "onnxscript", "onnxslim", "onnxsim",
+                  "onnxconverter_common", "onnx_graphsurgeon", "polygraphy", "scipy", "safetensors", "yaml",
+                  "matplotlib")
 
 
 def _terminate(signum, frame):
@@ -65,6 +86,14 @@ def _run(fn) -> None:
     except KeyboardInterrupt:
         err.print("[bold red]interrupted:[/] no partial output was kept")
         raise typer.Exit(130) from None
+    except ModuleNotFoundError as exc:
+        if exc.name not in HEAVY_PACKAGES:
+            raise
+        # The timing-only install (requirements-edge.lock) has no PyTorch: say which commands it runs.
+        err.print(f"[bold red]error:[/] this command needs {exc.name}, which this environment lacks; the timing-only "
+                  f"install runs foldship bench RUN_DIR and foldship validate RUN_DIR --latency (docs/edge.md), "
+                  f"everything else needs requirements.lock", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def _warn_if_trusted(cfg) -> None:
@@ -78,17 +107,19 @@ def _warn_if_trusted(cfg) -> None:
 @app.command()
 def build(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; CLI flags override its keys."),
-    model: Optional[str] = typer.Option(None, help="cifar_resnet20..cifar_resnet110, torchvision:<name>, timm:<name> or hf:<id>."),
-    checkpoint: Optional[str] = typer.Option(None, help="Trained weights: .th/.pt/.pth state dict or .safetensors."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    checkpoint: Optional[str] = typer.Option(None, help="Trained weights: .th/.pt/.pth state dict or .safetensors "
+                                                        "(needed except for cifar_resnet20/56, whose shared-data "
+                                                        "files are the default, and exported:/onnx: models)."),
+    random_weights: bool = typer.Option(False, help="Build without trained weights: a smoke test of the pipeline "
+                                                    "only (the report says so; accuracy gates are refused)."),
+    input_shape: Optional[str] = typer.Option(None, help="One sample's input shape, e.g. 3,32,32 (needed for a "
+                                                         "model of your own code)."),
     method: Optional[str] = typer.Option(None, help="fold (cluster and merge channels), prune-l1 or prune-l2."),
-    ratio: Optional[float] = typer.Option(None, help="Fraction of channels removed per group, in (0, 1)."),
+    ratio: Optional[float] = typer.Option(None, help=RATIO_HELP),
     groups: Optional[str] = typer.Option(None, help="all: every group (paper); inner: keep residual streams whole."),
-    repair: Optional[str] = typer.Option(None, help="none (calibration-free), fold-ar (data-free variance correction of "
-                                                   "merged clusters; the identity for pruning) "
-                                                   "or bn-recalibrate (BN statistics re-measured on --calibration-data; "
-                                                   "only the change compression made is applied)."),
-    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate; near-copies of "
-                                                            "evaluation images are dropped."),
+    repair: Optional[str] = typer.Option(None, help=REPAIR_HELP),
+    calibration_data: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     round_to: Optional[str] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
@@ -118,7 +149,8 @@ def build(
     """Load -> compress -> export baseline and compressed ONNX -> validate both -> write the run folder.
 
     With no arguments it builds the embedded default: the CIFAR-10 ResNet-20 checkpoint folded at
-    ratio 0.3, evaluated on 1,000 real CIFAR-10 test images, into runs/demo.
+    ratio 0.3, evaluated on 1,000 real CIFAR-10 test images, into runs/demo. --model file.py:factory
+    imports that file and runs its code; exported: and onnx: models load without running any.
     """
     def body():
         from .pipeline.build import build as run_build
@@ -133,7 +165,8 @@ def build(
                           batches=None if batch is None else [1, batch], max_accuracy_drop=max_accuracy_drop,
                           min_agreement=min_agreement, min_speedup=min_speedup, max_p99_ms=max_p99_ms,
                           max_size_mb=max_size_mb, overwrite=overwrite or None,
-                          trust_checkpoint=trust_checkpoint or None)
+                          trust_checkpoint=trust_checkpoint or None, random_weights=random_weights or None,
+                          input_shape=_ints(input_shape, "--input-shape"))
         _warn_if_trusted(cfg)
         outcome = run_build(cfg, StageProgress(err, quiet=quiet))
         if not quiet:
@@ -158,8 +191,9 @@ def sweep(
     method: Optional[list[str]] = typer.Option(None, help="fold, prune-l1, prune-l2; repeat for more."),
     ratio: Optional[list[float]] = typer.Option(None, help="Fraction of channels removed, in (0, 1); repeat for more."),
     groups: Optional[str] = typer.Option(None, help="all: every group (paper); inner: keep residual streams whole."),
-    repair: Optional[list[str]] = typer.Option(None, help="none, fold-ar, bn-recalibrate; repeat for more."),
-    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate."),
+    repair: Optional[list[str]] = typer.Option(None, help="A repair as in build --repair (e.g. none, fold-ar, "
+                                                           "reconstruct+bn-recalibrate); repeat for more."),
+    calibration_data: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     data: Optional[str] = typer.Option(None, help="Labelled evaluation data: .npz (uint8 NHWC x, int y) or image folder."),
     limit: Optional[int] = typer.Option(None, help="Evaluate on the first N images only."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Sweep folder (default runs/sweep); a sweep "
@@ -235,12 +269,42 @@ def validate(
     min_speedup: Optional[float] = GATE_OPTIONS["min_speedup"],
     max_p99_ms: Optional[float] = GATE_OPTIONS["max_p99_ms"],
     max_size_mb: Optional[float] = GATE_OPTIONS["max_size_mb"],
+    latency: Optional[list[Path]] = typer.Option(None, "--latency", help="JSON written by `foldship bench RUN_DIR "
+                                                 "--json FILE` on a target machine (more may follow): merged into "
+                                                 "the run's report, one entry per target, and judged by "
+                                                 "--min-speedup/--max-p99-ms (default: the run's own limits); "
+                                                 "nothing is re-measured."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder (only once the new one is complete)."),
     quiet: bool = typer.Option(False, help="No progress bars or summary table."),
 ):
     """Run the validation stage alone: accuracy, parity, agreement, latency and gates of a baseline and a
-    compressed model, written as report.json, report.md and latency.png."""
+    compressed model, written as report.json, report.md and latency.png.
+
+    With --latency, merge timings taken on target machines into a copy of a run folder's report instead.
+    """
     def body():
+        if latency:
+            measuring = {"--config": config, "--data": data, "--limit": limit, "--mean": mean, "--std": std,
+                         "--batch": batch, "--threads": threads, "--trials": trials, "--min-seconds": min_seconds,
+                         "--backend": backend or None, "--max-accuracy-drop": max_accuracy_drop,
+                         "--min-agreement": min_agreement, "--max-size-mb": max_size_mb}
+            given = [flag for flag, value in measuring.items() if value is not None]
+            if given:
+                raise BadInput(f"--latency merges timings taken elsewhere, so {', '.join(given)} have nothing to "
+                               f"act on; validate without --latency to re-measure here")
+            # `--latency a.json b.json` leaves b.json among the arguments: an option takes one value each.
+            run_dir, *more = artifacts
+            if not run_dir.is_dir() or any(p.suffix != ".json" for p in more):
+                raise BadInput("--latency merges into one run folder: give foldship validate RUN_DIR --latency "
+                               "FILE.json [FILE.json ...]")
+            from .pipeline.targets import merge_latency
+
+            report, folder = merge_latency(run_dir, [*latency, *more], out, {"min_speedup": min_speedup,
+                                                                            "max_p99_ms": max_p99_ms}, overwrite)
+            if not quiet:
+                _print_targets(report, folder)
+            _exit_on_failed_gates(report, folder)
+            return
         from .pipeline.config import load_config
         from .pipeline.progress import StageProgress
         from .pipeline.validate import is_sweep, sweep, validate_artifacts
@@ -265,41 +329,67 @@ def validate(
 
 @app.command()
 def bench(
-    artifact: Path = typer.Argument(..., help="An .onnx file or a TensorRT .engine/.plan to time."),
-    batch: Optional[int] = typer.Option(None, help="The larger batch size timed besides batch 1 (default 64)."),
+    artifact: Path = typer.Argument(..., help="A run folder (its baseline.onnx and compressed.onnx, timed against "
+                                              "each other on this machine), an .onnx file or a TensorRT "
+                                              ".engine/.plan."),
+    batch: Optional[int] = typer.Option(None, help="The larger batch size timed besides batch 1 (default 64; run "
+                                                   "folder: the batches it was validated with)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for ONNX Runtime (0: all cores)."),
-    trials: Optional[int] = typer.Option(None, help="Blocks per backend and batch (default 6); samples pool, each "
-                                                    "block keeps its p50."),
+    trials: Optional[int] = typer.Option(None, help="Blocks per model, backend and batch (default 6), the models "
+                                                    "taking turns block by block; samples pool, each block keeps "
+                                                    "its p50."),
     min_seconds: Optional[float] = typer.Option(None, help="Minimum time per measurement (default 1 s)."),
-    backend: Optional[list[str]] = typer.Option(None, help="Backend(s) to use (default: every one that can run it)."),
+    backend: Optional[list[str]] = typer.Option(None, help="Backend(s) to use (default: every one that can run it; "
+                                                           "onnxruntime-tensorrt only when named)."),
     input_shape: Optional[str] = typer.Option(None, help="Input shape without the batch axis, e.g. 3,224,224 "
-                                                         "(default: the ONNX file's)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+                                                         "(default: the run's or the ONNX file's)."),
+    name: Optional[str] = typer.Option(None, help="Run folder: the target's name in the JSON and in the merged "
+                                                  "report (default: this machine's host name)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here (a run "
+                                                                 "folder's merges with validate --latency)."),
     quiet: bool = typer.Option(False, help="No progress bar or table."),
 ):
-    """Time one artifact with the latency protocol: p50/p90/p99, throughput and peak memory per backend and batch."""
-    def body():
-        import json
+    """Time one artifact with the latency protocol: p50/p90/p99, throughput and peak memory per backend and batch.
 
+    On a run folder: time its baseline and compressed ONNX files against each other on this machine (the
+    target), taking turns block by block as the build does, and describe the machine; `foldship validate RUN_DIR --latency FILE`
+    merges the --json file into the run's report. This needs only onnxruntime, numpy and the CLI's own
+    packages, no PyTorch (docs/edge.md).
+    """
+    def body():
+        if json_out is not None and not json_out.parent.is_dir():
+            raise BadInput(f"--json {json_out}: folder {json_out.parent} does not exist; create it or choose "
+                           f"another path")
+        shape = _floats(input_shape, "--input-shape")
+        shape = tuple(int(v) for v in shape) if shape else None
+        if artifact.is_dir():
+            from .pipeline.progress import StageProgress
+            from .pipeline.targets import bench_run
+
+            result = bench_run(artifact, name, None if batch is None else [1, batch], threads or 0, min_seconds,
+                               trials, backend or None, shape, StageProgress(err, quiet=quiet))
+            if json_out is not None:
+                _write_json(json_out, result)
+            if not quiet:
+                _print_bench_run(result, json_out)
+            return
         from .pipeline.config import load_config
         from .pipeline.progress import StageProgress
         from .pipeline.validate import bench as run_bench
 
         cfg = load_config(None, batches=None if batch is None else [1, batch], threads=threads, latency_trials=trials,
                           latency_min_seconds=min_seconds, backends=backend or None)
-        shape = _floats(input_shape, "--input-shape")
-        result = run_bench(artifact, cfg, tuple(int(v) for v in shape) if shape else None,
-                           StageProgress(err, quiet=quiet))
+        result = run_bench(artifact, cfg, shape, StageProgress(err, quiet=quiet))
         if json_out is not None:
-            json_out.write_text(json.dumps(result, indent=2) + "\n")
+            _write_json(json_out, result)
         if not quiet:
             table = Table(title=f"{artifact} ({result['precision']}, {result['size_bytes'] / 1024:.0f} KiB)")
             for column in ("backend", "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "throughput /s", "peak MB"):
                 table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=True)
-            for name, batches in result["latency"].items():
+            for backend_name, batches in result["latency"].items():
                 for key, s in batches.items():
-                    table.add_row(name, str(s["batch"]), str(s["runs"]), f"{s['p50_ms']:.2f}", f"{s['p90_ms']:.2f}",
-                                  f"{s['p99_ms']:.2f}", f"{s['throughput_per_s']:,.0f}", str(s["peak_memory_mb"]))
+                    table.add_row(backend_name, str(s["batch"]), str(s["runs"]), f"{s['p50_ms']:.2f}",
+                                  f"{s['p90_ms']:.2f}", f"{s['p99_ms']:.2f}", f"{s['throughput_per_s']:,.0f}", str(s["peak_memory_mb"]))
             out.print(table)
 
     _run(body)
@@ -350,12 +440,16 @@ def compress(
     checkpoint: Optional[str] = typer.Option(None, help="Trained weights (.th/.pt/.pth state dict or .safetensors)."),
     out: str = typer.Option(..., "--out", "-o", help="Folder for compressed.json (widths) + compressed.safetensors."),
     method: str = typer.Option("fold", help="fold, prune-l1 or prune-l2."),
-    ratio: float = typer.Option(0.3, help="Fraction of channels removed per group, in (0, 1)."),
+    ratio: Optional[float] = typer.Option(None, help="Fraction of channels removed per group, in (0, 1) "
+                                                     "(default 0.3); not with --target-macs/--target-latency."),
     groups: str = typer.Option("all", help="all: every group (paper); inner: keep residual streams whole."),
-    repair: str = typer.Option("none", help="none, fold-ar (data-free; the identity for pruning) or bn-recalibrate "
-                                            "(BN statistics re-measured on --calibration-data; only the change "
-                                            "compression made is applied)."),
-    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for bn-recalibrate."),
+    repair: str = typer.Option("none", help=REPAIR_HELP),
+    calibration_data: Optional[str] = typer.Option(None, help="Unlabelled images for reconstruct, bn-recalibrate and "
+                                                            "the budget survey; near-copies of the --data images are "
+                                                            "dropped."),
+    data: Optional[str] = typer.Option(None, help="The evaluation images the model will be judged on, kept out of "
+                                                  "the calibration images (default: build's default data, the "
+                                                  "1,000 CIFAR-10 test images); read only with --calibration-data."),
     round_to: Optional[str] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
@@ -376,26 +470,32 @@ def compress(
         from .compress import compress_model
         from .compress.budget import plan_budget
         from .compress.widths import width_rule
-        from .data import calibration_images
+        from .data import calibration_images, load_images
         from .models import load_model
+        from .pipeline.config import BuildConfig, refuse_ratio_with_target
         from .models.saved import SPEC_NAME, save_compressed
         from .pipeline.run_folder import RunFolder
 
+        refuse_ratio_with_target({"ratio": ratio, "target_macs": target_macs, "target_latency": target_latency})
+        uniform = 0.3 if ratio is None else ratio
         folder = RunFolder(out, overwrite)
         try:
             loaded = load_model(model, checkpoint, num_classes, input_size, checkpoint_map=checkpoint_map)
-            calibration = None
-            if calibration_data:  # no evaluation set in this stage: nothing to keep calibration apart from
-                calibration = calibration_images(calibration_data, loaded.preprocessing, None)
+            chosen = None
+            if calibration_data:  # kept apart from the images the model will be judged on, as in build
+                evaluation = load_images(data or BuildConfig.data, loaded.preprocessing, require_labels=False)
+                chosen = calibration_images(calibration_data, loaded.preprocessing, evaluation)
+            calibration = None if chosen is None else chosen.x
             example = loaded.example_inputs(2)
             widths = width_rule(_round_to(round_to), budget=target_macs is not None or target_latency is not None)
             budget = plan_budget(loaded.model, example, method, target_macs, target_latency, widths.round_to, groups,
                                  calibration=calibration, seed=seed, repair=repair)
-            result = compress_model(loaded.model, example, method, ratio, seed, groups,
+            result = compress_model(loaded.model, example, method, uniform, seed, groups,
                                     budget.group_ratios() if budget else None, round_to=widths.round_to,
                                     repair=repair, calibration=calibration, device=device)
             summary = result.summary() | {"budget": budget.summary() if budget else None,
-                                          "width_rule": widths.as_dict()}
+                                          "width_rule": widths.as_dict(),
+                                          "calibration": None if chosen is None else chosen.summary()}
             save_compressed(result.model.cpu(), loaded, folder.path(SPEC_NAME), summary)
             folder.path("compression.json").write_text(json.dumps(summary, indent=2) + "\n")
             final = folder.commit()
@@ -404,9 +504,12 @@ def compress(
             raise
         done = sum(g.action in ("folded", "pruned") for g in result.groups)
         out_console = Console()
-        setting = f"{budget.mac_fraction:.3f}x MACs (budget)" if budget else f"ratio {ratio}"
+        setting = f"{budget.mac_fraction:.3f}x MACs (budget)" if budget else f"ratio {uniform}"
         out_console.print(f"{method} at {setting}: {done} of {len(result.groups)} groups compressed in "
                           f"{result.seconds:.2f} s; residual streams {result.residual_streams} -> {final}")
+        if chosen is not None:
+            out_console.print(f"calibration: {len(chosen)} of {chosen.read} images ({chosen.near_copies} near-copies "
+                              f"of the {chosen.evaluation} images dropped)")
 
     _run(body)
 
@@ -456,8 +559,52 @@ def _print_summary(report: dict, folder: str) -> None:
         out.print(f"speed on ONNX Runtime CPU: {speed['sentence']}", highlight=False, soft_wrap=True)
 
 
+def _print_bench_run(result: dict, json_out: Path | None) -> None:
+    from .validators.speed import change_text, recorded_speedup
+
+    machine = result["machine"]
+    table = Table(title=f"{result['run']['title']} on {result['target']} ({machine['cpu']}, "
+                        f"{machine['physical_cores']} cores)" + (f" -> {json_out}" if json_out else ""))
+    for column in ("backend", "batch", "runs", "baseline p50 ms", "compressed p50 ms", "compressed p99 ms", "speed"):
+        table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=True)
+    for backend, sides in result["latency"].items():
+        for key, base in sides["baseline"].items():
+            comp = sides["compressed"][key]
+            table.add_row(backend, str(base["batch"]), str(base["runs"]), f"{base['p50_ms']:.3f}",
+                          f"{comp['p50_ms']:.3f}", f"{comp['p99_ms']:.3f}",
+                          change_text(recorded_speedup(result, backend, key)))
+    out.print(table)
+
+
+def _print_targets(report: dict, folder: str) -> None:
+    from .pipeline.report import run_title
+    from .validators.speed import change_text, recorded_speedup
+
+    table = Table(title=f"{run_title(report)}: latency on targets -> {folder}")
+    for column in ("target", "backend", "batch", "baseline p50 ms", "compressed p50 ms", "speed"):
+        table.add_column(column, justify="left" if column in ("target", "backend") else "right", no_wrap=True)
+    for target, entry in report["targets"].items():
+        for backend, sides in entry["latency"].items():
+            for key, base in sides["baseline"].items():
+                table.add_row(target, backend, str(base["batch"]), f"{base['p50_ms']:.3f}",
+                              f"{sides['compressed'][key]['p50_ms']:.3f}",
+                              change_text(recorded_speedup(entry, backend, key)))
+    out.print(table)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Whole or not at all: a temporary file renamed into place."""
+    import json
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def _exit_on_failed_gates(report: dict, folder: str) -> None:
-    failed = [g["name"] for g in report["gates"]["results"] if not g["passed"]]
+    failed = [g["name"] + (f" ({g['target']}, {g['backend']})" if g.get("target") else "")
+              for g in report["gates"]["results"] if not g["passed"]]
     if failed:
         err.print(f"[bold red]gate failed:[/] {', '.join(failed)} (report in {folder})")
         raise typer.Exit(3)
@@ -475,6 +622,13 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
         return [float(v) for v in text.split(",")]
     except ValueError:
         raise BadInput(f"{flag} takes comma-separated numbers, e.g. 0.485,0.456,0.406; got {text!r}") from None
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    values = _floats(text, flag)
+    if values is not None and not all(v == int(v) for v in values):
+        raise BadInput(f"{flag} takes comma-separated whole numbers, e.g. 3,32,32; got {text!r}")
+    return None if values is None else [int(v) for v in values]
 
 
 def _print_export_summary(report: dict, folder: str) -> None:

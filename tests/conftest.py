@@ -159,6 +159,10 @@ def duplicate_channels(model: nn.Module, example) -> nn.Module:
     Producer rows, biases and BN entries of the second half are set equal to the first half and
     each consumer column pair is replaced by its mean, so the model computes exactly what a
     half-width model would. Folding it at ratio 0.5 must then reproduce its outputs.
+
+    The pairs are written through the engine's own group tables and slices, so this reaches every
+    architecture but cannot catch an indexing error the engine makes: tests/test_engine.py builds
+    duplicates by hand (``widen``) and checks merges against cluster means and sums computed there.
     """
     from foldship.compress.groups import DependencyAdapter, output_layers
     from foldship.compress.slices import MEAN, UnsupportedItem, item_slices

@@ -17,7 +17,7 @@ import yaml
 
 from foldship.models.checkpoint import read_state_dict
 
-from .conftest import CIFAR_LOSSLESS, RESNET20, RESNET56, run_cli
+from .conftest import CIFAR_JPEG, CIFAR_LOSSLESS, RESNET20, RESNET56, run_cli
 
 CASES: dict = {}
 
@@ -169,6 +169,28 @@ def round_to_zero_with_a_target(inputs):
     return ["--round-to", "0", "--target-macs", "0.8"]
 
 
+@case("--ratio 0.5 and --target-macs 0.8 both given", "give one of them")
+def ratio_and_target_flags(inputs):
+    return ["--ratio", "0.5", "--target-macs", "0.8"]
+
+
+@case("repair reconstruct needs unlabelled calibration images", "pass --calibration-data")
+def reconstruct_without_calibration_data(inputs):
+    return ["--repair", "reconstruct"]
+
+
+@case("give each step once, in the order fold-ar+reconstruct+bn-recalibrate", "e.g. reconstruct+bn-recalibrate")
+def repair_steps_out_of_order(inputs):
+    return ["--repair", "bn-recalibrate+reconstruct", "--calibration-data", str(CIFAR_JPEG)]
+
+
+@case("needs at least 65 calibration images", "linear solves 65 weights", "got 10", "--calibration-data")
+def too_few_calibration_images_to_reconstruct(inputs):
+    images = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    np.savez(inputs.path("few.npz"), x=images)
+    return ["--repair", "reconstruct", "--groups", "inner", "--calibration-data", inputs.path("few.npz")]
+
+
 @case("unknown method 'magic'", "fold, prune-l1, prune-l2")
 def unknown_method(inputs):
     return ["--method", "magic"]
@@ -200,13 +222,13 @@ def cuda_without_gpu(inputs):
 
 @case("cannot run on inputs of shape (2, 3, 16, 16)", "Output size is too small", "set input_size")
 def model_that_cannot_run_on_its_input(inputs):
-    return inputs.config(model="torchvision:squeezenet1_1", checkpoint=None, num_classes=10, input_size=16)
+    return inputs.config(model="torchvision:squeezenet1_1", random_weights=True, num_classes=10, input_size=16)
 
 
 @case("cannot trace the model", "ZeroDivisionError", "check the input shape")
 def model_that_cannot_be_traced(inputs):
     # Torch-Pruning cannot follow shufflenet's channel shuffle on 32x32 inputs.
-    return inputs.config(model="torchvision:shufflenet_v2_x0_5", checkpoint=None, num_classes=10, input_size=32,
+    return inputs.config(model="torchvision:shufflenet_v2_x0_5", random_weights=True, num_classes=10, input_size=32,
                          limit=2)
 
 

@@ -75,7 +75,7 @@ def test_failed_gate_exits_3_and_names_it(tmp_path, fast_config):
 @pytest.mark.parametrize("args,message", [
     (["--ratio", "1.5"], "ratio 1.5 is outside (0, 1)"),
     (["--method", "magic"], "unknown method"),
-    (["--model", "cifar_resnet56"], "does not fit model cifar_resnet56"),
+    (["--model", "cifar_resnet32"], "needs a trained checkpoint"),
     (["--checkpoint", "/nonexistent/x.th"], "does not exist"),
     (["--data", "/nonexistent/data.npz"], "does not exist"),
     (["--model", "resnet9000"], "unknown model"),

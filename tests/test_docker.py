@@ -1,8 +1,9 @@
-"""The Docker images install exactly what the lock file pins, as the Makefile does.
+"""The Docker images install exactly what the lock files pin, as the Makefile does.
 
 Docker cannot run on the project's machines, so this reads the Dockerfiles: every pip install in
-them comes from requirements.lock (or installs foldship itself under it as constraints), and the
-pins in pyproject.toml agree with the lock.
+them comes from its lock (or installs foldship itself under it as constraints, or without
+dependencies), and the pins in pyproject.toml and in the GPU and edge locks agree with
+requirements.lock.
 """
 import re
 import shlex
@@ -13,20 +14,21 @@ import pytest
 from .conftest import ROOT
 
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)$")
-DOCKERFILES = ["docker/Dockerfile", "docker/Dockerfile.tensorrt"]
+DOCKERFILES = {"docker/Dockerfile": "requirements.lock", "docker/Dockerfile.tensorrt": "requirements-gpu.lock"}
 
 
 def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def lock() -> dict[str, str]:
+def lock(name: str = "requirements.lock") -> dict[str, str]:
     pins = {}
-    for line in (ROOT / "requirements.lock").read_text().splitlines():
+    for line in (ROOT / name).read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             match = PIN.match(line)
-            assert match, f"requirements.lock line is not an exact pin: {line!r}"
+            assert match, f"{name} line is not an exact pin: {line!r}"
+            assert normalise(match[1]) not in pins, f"{name} pins {match[1]} twice"
             pins[normalise(match[1])] = match[2]
     return pins
 
@@ -71,28 +73,59 @@ def test_pyproject_pins_agree_with_the_lock():
     assert extras["trt"] and all(PIN.match(r) for r in extras["trt"])  # TensorRT: pinned, GPU images only
 
 
-def test_makefile_installs_the_lock():
-    assert "pip install --quiet --disable-pip-version-check -r requirements.lock" in (ROOT / "Makefile").read_text()
+def trt_pins() -> dict[str, str]:
+    return {normalise(n): v for n, v in (PIN.match(r).groups() for r in pyproject()["optional-dependencies"]["trt"])}
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES)
-def test_dockerfile_installs_only_what_the_lock_pins(dockerfile):
+def test_gpu_lock_is_the_cpu_lock_with_onnxruntime_gpu():
+    """Same version of every package both locks pin; onnxruntime-gpu replaces onnxruntime (one module)."""
+    cpu, gpu = lock(), lock("requirements-gpu.lock")
+    assert "onnxruntime" not in gpu and "onnxruntime-gpu" in gpu and "onnxruntime-gpu" not in cpu
+    assert set(gpu) - {"onnxruntime-gpu"} == set(cpu) - {"onnxruntime"}
+    assert {name: gpu[name] for name in set(gpu) & set(cpu)} == {name: cpu[name] for name in set(gpu) & set(cpu)}
+    assert "torch" in gpu and gpu["torch"] == cpu["torch"]
+
+
+def test_edge_lock_is_a_torch_free_subset_of_the_lock():
+    cpu, edge = lock(), lock("requirements-edge.lock")
+    assert edge == {name: cpu[name] for name in edge}
+    assert {"onnxruntime", "numpy", "typer", "rich"} <= set(edge)
+    assert not {"torch", "torchvision", "torch-pruning"} & set(edge)
+
+
+def test_makefile_installs_the_locks():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install --quiet --disable-pip-version-check -r requirements.lock" in makefile
+    for target, venv, name in (("env-gpu", ".venv-gpu", "requirements-gpu.lock"),
+                               ("env-edge", ".venv-edge", "requirements-edge.lock")):
+        assert f"{target}: {venv}/.installed" in makefile
+        assert f"{venv}/bin/python $(PIP_INSTALL) -r {name}" in makefile
+        assert f"{venv}/bin/python $(PIP_INSTALL) --no-deps -e ." in makefile  # foldship names onnxruntime
+
+
+@pytest.mark.parametrize("dockerfile,lock_name", DOCKERFILES.items())
+def test_dockerfile_installs_only_what_the_lock_pins(dockerfile, lock_name):
     installs = pip_installs(dockerfile)
-    assert installs[0][:2] == ([], {"-r": "requirements.lock"})  # everything pinned comes first, from the lock
+    assert installs[0][:2] == ([], {"-r": lock_name})  # everything pinned comes first, from the lock
+    pins = lock(lock_name)
     for requirements, files, options in installs[1:]:
-        assert requirements in (["."], [".[trt]"])  # then foldship itself, never a package by name,
-        assert files == {"-c": "requirements.lock"} or "--no-deps" in options  # adding nothing unpinned
+        if requirements in (["."], [".[trt]"]):  # then foldship itself, adding nothing unpinned
+            assert files == {"-c": lock_name} or "--no-deps" in options
+        else:  # or the trt extra's pins, under the lock
+            assert files == {"-c": lock_name} and all(PIN.match(r) for r in requirements)
     text = (ROOT / dockerfile).read_text()
-    assert "COPY requirements.lock ./" in text
-    pins = lock()
+    assert f"COPY {lock_name} ./" in text
     for name, version in re.findall(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][^\s\"';&]*)", text):
-        assert pins.get(normalise(name)) == version, f"{dockerfile} pins {name}=={version}"
+        assert (pins | trt_pins()).get(normalise(name)) == version, f"{dockerfile} pins {name}=={version}"
 
 
-def test_tensorrt_image_is_nvidias_with_the_trt_extra():
+def test_tensorrt_image_is_nvidias_with_onnxruntime_gpu_and_the_trt_extra():
     text = (ROOT / "docker/Dockerfile.tensorrt").read_text()
     base = re.search(r"^ARG TRT_IMAGE=(\S+)$", text, re.MULTILINE)[1]
     repository, tag = base.rsplit(":", 1)
     assert repository == "nvcr.io/nvidia/tensorrt" and tag not in ("", "latest")
     assert "FROM ${TRT_IMAGE}" in text
-    assert ([".[trt]"], {"-c": "requirements.lock"}) in [i[:2] for i in pip_installs("docker/Dockerfile.tensorrt")]
+    installs = [i[:2] for i in pip_installs("docker/Dockerfile.tensorrt")]
+    assert ([f"{n}=={v}" for n, v in trt_pins().items()], {"-c": "requirements-gpu.lock"}) in installs
+    # foldship without dependencies: with them pip would add onnxruntime beside onnxruntime-gpu.
+    assert (["."], {}) in installs and "--no-deps" in pip_installs("docker/Dockerfile.tensorrt")[-1][2]

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from foldship.compress.engine import group_features, producer_scores, top_k
+from foldship.compress.engine import group_features, channel_scores, top_k
 from foldship.compress.groups import DependencyAdapter, output_layers
 from foldship.compress.kmeans import (cluster, gram_matrix, inertia, kmeans_plus_plus, lloyd, special_partition,
                                       squared_norm, ward_partition)
@@ -137,7 +137,7 @@ def test_ward_start_finds_small_clusters_where_the_magnitude_start_keeps_one_lar
     x = resnet20.example_inputs(2)
     view = next(v for v in DependencyAdapter(resnet20.model, x, output_layers(resnet20.model, x)).groups()
                 if v.name == "layer3.0.conv1")
-    w, scores = group_features(view), producer_scores(view, 2)
+    w, scores = group_features(view), channel_scores(view, 2)
     start = special_partition(64, top_k(scores, 43))
     from_magnitude, magnitude_inertia = lloyd(w @ w.T, start, 44)
     labels, error = fold_labels(w, 44, scores, [], seed=0, restarts=4)
@@ -154,7 +154,7 @@ def test_rank_distance_one_on_every_real_group(resnet56, zoo):
         checked = 0
         for view in adapter.groups():
             w = group_features(view)
-            scores = producer_scores(view, 2)
+            scores = channel_scores(view, 2)
             n = view.size
             for k in (n // 2, int(n * 0.7)):
                 kept = top_k(scores, k)

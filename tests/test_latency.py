@@ -155,6 +155,22 @@ def test_onnxruntime_cuda(onnx_file):
     assert stats.runs == 6 and stats.p50_ms > 0
 
 
+@pytest.mark.parametrize("device,provider", [("cuda", "CUDAExecutionProvider"),
+                                             ("tensorrt", "TensorrtExecutionProvider")])
+def test_a_gpu_session_that_falls_back_to_the_cpu_is_refused(onnx_file, device, provider):
+    """ONNX Runtime drops a provider it cannot start and runs on the CPU: timed as a GPU it would lie."""
+    import warnings
+
+    from foldship.errors import BadInput
+    from foldship.validators.artifacts import onnx_backends, onnx_session
+
+    if f"onnxruntime-{device}" in onnx_backends():
+        pytest.skip(f"this machine starts {provider}")
+    with warnings.catch_warnings(), pytest.raises(BadInput, match=f"could not start its {provider} for baseline.onnx"):
+        warnings.simplefilter("ignore")  # ONNX Runtime's own note that the provider is missing
+        onnx_session(onnx_file.path, device=device)
+
+
 def test_tensorrt_engine(onnx_file, tmp_path, cifar_eval):
     pytest.importorskip("tensorrt")
     if not torch.cuda.is_available():

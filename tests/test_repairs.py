@@ -144,7 +144,7 @@ def test_fold_beats_pruning_on_the_real_resnets(resnet20, resnet56, cifar_eval, 
 
 
 def test_bn_recalibration_touches_only_running_statistics(resnet20, cifar_eval):
-    calibration = calibration_images(CIFAR_JPEG, resnet20.preprocessing, cifar_eval, 256)
+    calibration = calibration_images(CIFAR_JPEG, resnet20.preprocessing, cifar_eval, 256).x
     assert len(calibration) == 256
     folded = compress_model(resnet20.model, resnet20.example_inputs(2), "fold", 0.5, groups="inner").model
     repaired = copy.deepcopy(folded)
@@ -160,7 +160,7 @@ def test_bn_recalibration_applies_only_what_compression_changed(resnet20, cifar_
     """bn-recalibrate moves each channel's stored statistics by the change compression made, as
     measured on the calibration images. The stem, which --groups inner leaves alone, keeps its
     training statistics exactly; plain re-estimation replaces them with the calibration set's."""
-    calibration = calibration_images(CIFAR_JPEG, resnet20.preprocessing, cifar_eval, 256)
+    calibration = calibration_images(CIFAR_JPEG, resnet20.preprocessing, cifar_eval, 256).x
     x = resnet20.example_inputs(2)
     folded = compress_model(resnet20.model, x, "fold", 0.5, groups="inner").model
     repaired = compress_model(resnet20.model, x, "fold", 0.5, groups="inner", repair="bn-recalibrate",
@@ -180,7 +180,7 @@ def test_with_calibration_images_folding_keeps_more_than_pruning(resnet20, cifar
     """Issue 3: with data, fold + BN re-estimation against prune-l2 + BN re-estimation on ResNet-20
     at r = 0.5, --groups inner (256 images: 61.4 vs 58.2 %). Plain re-estimation, which replaced
     every channel's statistics, left pruning ahead (512 images: 49.0 vs 53.1 %)."""
-    calibration = calibration_images(CIFAR_JPEG, resnet20.preprocessing, cifar_eval, 256)
+    calibration = calibration_images(CIFAR_JPEG, resnet20.preprocessing, cifar_eval, 256).x
     x = resnet20.example_inputs(2)
     scores = {method: top1(compress(resnet20.model, x, method=method, ratio=0.5, groups="inner",
                                     repair="bn-recalibrate", calibration=calibration), cifar_eval)

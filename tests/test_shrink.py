@@ -64,6 +64,12 @@ def test_broken_passes_are_dropped_and_the_last_good_graph_kept(tmp_path, monkey
         ("scale-weights", False), ("onnxslim", True), ("fix-batch", False), ("crash", False)]
     assert report.dropped == ["scale-weights", "fix-batch", "crash"]
     assert "outputs changed" in report.passes[0].reason
+    # ... and where: the node that reads the scaled filters, named in the reason and the report.
+    raw = onnx.load(raw_resnet20.path)
+    weight = next(t.name for t in raw.graph.initializer if len(t.dims) == 4)
+    scaled = next(n.name for n in raw.graph.node if weight in n.input)
+    assert report.passes[0].divergence["node"] == scaled
+    assert f"first diverging node {scaled} (Conv" in report.passes[0].reason
     assert "inputs/outputs changed" in report.passes[2].reason
     assert report.passes[3].reason == "RuntimeError: shrinker bug"
     shrink_onnx(raw_resnet20.path, tmp_path / "slim.onnx", "onnxslim", cifar_eval.x[:16])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import attention  # noqa: F401  registers the attention-head group finder
+from . import attention, channel_pad  # noqa: F401  register the attention-head finder and the rewrites
 from .engine import METHODS, CompressionResult, compress_model
 from .groups import ChannelGroup, channel_groups
 from .widths import kept_width

@@ -125,7 +125,7 @@ def _additive_mask(attn_mask, key_padding_mask, batch: int, dtype) -> torch.Tens
 
 
 @register_rewrite
-def rewrite_attention(model: nn.Module) -> int:
+def rewrite_attention(model: nn.Module, example_inputs=None) -> int:
     """Replace every ``nn.MultiheadAttention`` in ``model`` (in place) by an equivalent ``HeadAttention``.
 
     Returns how many were replaced; modules ``HeadAttention`` cannot represent are left as they are.

@@ -48,7 +48,9 @@ from torch import nn
 
 from ..errors import BadInput
 from .groups import DependencyAdapter, GroupView, output_layers
+from .repairs import repair_steps
 from .widths import ratio_for_width, width_rule
+
 PROBE_KEEPS = (0.75, 0.5, 0.25)  # each group is measured at these fractions of its width (aligned)
 PROBE_COUNT = 32  # probe inputs per forward pass
 PROBE_SCALES = (4, 8, 16, 32, 64)  # smooth noise: Gaussian fields this coarse at 224 px (relative to size), upsampled, summed
@@ -251,10 +253,12 @@ def survey(model: nn.Module, example, method: str, align: int, group_policy: str
     the curves start from.
 
     Without ``starts`` each group is narrowed alone from its full width, every other group whole
-    (starting damage 0). With ``starts`` (group name -> width) the model is first compressed to
-    those widths; each group is then narrowed further from its start, the others held at theirs,
-    and its damage is what that adds to the starting model's (measured) damage. Every compression
-    uses ``repair`` (a data-free one), so the damage is that of what the build ships.
+    (starting damage 0). With ``starts`` (group name -> width) the model compressed to those widths
+    is measured first; each group is then narrowed below its start, the others held at theirs, and
+    its damage is what that adds to the starting model's. Every candidate is compressed from the
+    original model (the others re-folded with the clusters the starting model has, so only the
+    group under test is clustered again), with ``repair`` (a data-free one): the damage is that of
+    what the build ships.
     """
     training = model.training
     model.eval()
@@ -281,12 +285,13 @@ def _survey(model, example, method, align, group_policy, protected, probe, seed,
     probe = probe_inputs(example, seed=seed) if probe is None else probe
     reference = _probe_run(model, probe)
     start_of = lambda view: starts.get(view.name, view.size)
-    base, base_damage = model, 0.0
-    if starts:  # compressed as it will ship (all restarts), so later passes measure what ships
-        base = compress_model(model, example, method, 0.5, seed=seed, groups=group_policy, protected=protected_names,
-                              group_ratios={v.name: ratio_for_width(v.size, start_of(v)) for v in views},
-                              repair=repair, device="cpu").model.eval()
-        base_damage = output_damage(reference, _probe_run(base, probe))
+    at_start = {v.name: ratio_for_width(v.size, start_of(v)) for v in views}  # ratio 0 keeps a group whole
+    base_damage, held = 0.0, {}
+    if starts:  # compressed as it will ship (all restarts): the damage every candidate adds to
+        shipped = compress_model(model, example, method, 0.5, seed=seed, groups=group_policy, protected=protected_names,
+                                 group_ratios=at_start, repair=repair, device="cpu")
+        base_damage = output_damage(reference, _probe_run(shipped.model.eval(), probe))
+        held = shipped.clusters
     kept = {v.name: start_of(v) / v.size for v in views}
     budgets = []
     for view in views:
@@ -294,11 +299,14 @@ def _survey(model, example, method, align, group_policy, protected, probe, seed,
             continue
         start, damage = start_of(view), []
         for width in (w for w in probe_widths(view.size, align) if w < start):
-            others = {v.name: 0.0 for v in views}  # a ratio of 0 keeps a group whole (at its start width)
+            # Always from the original model, the group folded once from its own channels to
+            # ``width``, every other group at its start width with the clusters the shipped model
+            # has (never a folded model folded again: means of means, Fold-AR applied twice).
             try:
-                result = compress_model(base, example, method, 0.5, seed=seed, groups=group_policy,
-                                        group_ratios=others | {view.name: ratio_for_width(start, width)},
-                                        protected=protected_names, restarts=PROBE_RESTARTS, repair=repair, device="cpu")
+                result = compress_model(model, example, method, 0.5, seed=seed, groups=group_policy,
+                                        group_ratios=at_start | {view.name: ratio_for_width(view.size, width)},
+                                        protected=protected_names, restarts=PROBE_RESTARTS, repair=repair,
+                                        device="cpu", clusters={n: c for n, c in held.items() if n != view.name})
             except ShortcutTooNarrow:  # folding an option-A stream: its floor is the last width that fit
                 break
             record = next(g for g in result.groups if g.name == view.name)
@@ -380,10 +388,11 @@ def two_pass_survey(model: nn.Module, example, method: str, goal: float, align: 
     First pass: every group's damage alone, widths allocated to the halfway goal. When that does
     not already meet ``goal``, a second pass measures every group's further damage with all the
     others at their first-pass widths, and the plan's groups start from there. Both passes compress
-    with ``repair`` when it is fold + fold-ar; any other is left out (bn-recalibrate would
-    re-estimate the BN statistics on the calibration images for each of ~100 compressions).
+    with the repair's fold-ar step when it has one and the method is fold; steps that read images
+    are left out (they would re-solve or re-measure on the calibration images for each of ~100
+    compressions).
     """
-    repair = "fold-ar" if method == "fold" and repair == "fold-ar" else "none"
+    repair = "fold-ar" if method == "fold" and "fold-ar" in repair_steps(repair) else "none"
     first, macs, _ = survey(model, example, method, align, group_policy, protected, probe, seed, repair=repair)
     halfway = 1.0 - FIRST_PASS_SHARE * (1.0 - goal)
     reached = allocate(first, macs, halfway, align, requested=goal)

@@ -2,7 +2,7 @@
 
 One loop serves both methods (so they give identical architectures): for each fresh group,
 pick the width k, then either cluster the channels and merge each cluster into its first member
-(fold), or keep the k channels with the largest producer norms (prune); finally remove the other
+(fold), or keep the k channels with the largest scores (prune, ``channel_scores``); finally remove the other
 channels from every coupled tensor.
 """
 from __future__ import annotations
@@ -19,10 +19,11 @@ from ..errors import BadInput
 from ..models.cifar_resnet import PadShortcut
 from .groups import DependencyAdapter, GroupView, apply_rewrites, output_layers
 from .kmeans import cluster, inertia, special_partition, squared_norm
-from .repairs import (REPAIRS, Statistics, bn_statistics, norm_pairs, normalise_producers, recalibrate_bn, scale_gammas,
-                      variance_factors)
+from .reconstruct import ChannelMap, Reconstruction, reconstruct, record_group_maps
+from .repairs import (Statistics, bn_input_statistics, bn_statistics, check_repair, norm_pairs, normalise_producers,
+                      recalibrate_bn, repair_steps, scale_gammas, variance_factors)
 from .slices import MEAN, UnsupportedItem, item_slices
-from .widths import check_ratio, check_round_to, kept_width
+from .widths import WidthLedger, check_ratio, check_round_to, kept_width
 
 METHODS = ("fold", "prune-l1", "prune-l2")
 GROUP_POLICIES = ("all", "inner")
@@ -37,6 +38,7 @@ class GroupRecord:
     action: str  # "folded", "pruned", or why it was left whole
     weight_error: float | None = None  # ||W - P W||^2 on the group's features
     relative_error: float | None = None
+    repair: str | None = None  # on a compressed group: the repair applied, or why it is not applicable
 
 
 @dataclass
@@ -49,6 +51,11 @@ class CompressionResult:
     repair: str = "none"
     groups: list[GroupRecord] = field(default_factory=list)
     seconds: float = 0.0
+    rewritten_modules: int = 0  # modules swapped for an equivalent foldable one (see register_rewrite)
+    clusters: dict[str, torch.Tensor] = field(default_factory=dict)  # fold: each folded group's cluster labels
+    # each compressed conv/linear layer's output map (module name -> map; see reconstruct.ChannelMap)
+    channel_maps: dict[str, ChannelMap] = field(default_factory=dict)
+    reconstruction: Reconstruction | None = None
 
     @property
     def residual_streams(self) -> str:
@@ -63,7 +70,9 @@ class CompressionResult:
         return {"method": self.method, "ratio": self.ratio, "seed": self.seed, "groups_policy": self.group_policy,
                 "repair": self.repair,
                 "residual_streams": self.residual_streams, "seconds": round(self.seconds, 3),
-                "groups": [asdict(g) for g in self.groups]}
+                "rewritten_modules": self.rewritten_modules,
+                "groups": [asdict(g) for g in self.groups],
+                "reconstruction": self.reconstruction.summary() if self.reconstruction else None}
 
 
 def group_features(view: GroupView) -> torch.Tensor:
@@ -83,8 +92,19 @@ def producer_rows(view: GroupView, items: Sequence | None = None) -> torch.Tenso
     return torch.cat(rows, 1)
 
 
-def producer_scores(view: GroupView, p: int) -> torch.Tensor:
-    """Lp norm of the root producer's flattened filter for each channel."""
+def channel_scores(view: GroupView, p: int) -> torch.Tensor:
+    """Each channel's magnitude score (pruning keeps the largest; fold's magnitude start uses them).
+
+    A conv group: the Lp norm of the root producer's flattened filter (method.md section 7). A group
+    a Linear layer produces (transformer MLPs, attention heads): the Lp norm of the consumers'
+    columns (down_proj / o_proj / output.dense), the LLaMA rule of the method notes; on
+    all-MiniLM-L6-v2 it keeps a higher mean embedding cosine than scoring by the producer's rows
+    (benchmarks/transformer_scoring.py, docs/engine.md).
+    """
+    consumers = [item for item in view.weighted_items if item.axis == "in"]
+    if isinstance(view.items[0].module, nn.Linear) and consumers:
+        columns = [_gather(s.tensor, s.dim, item.table) for item in consumers for s in item_slices(item)]
+        return torch.linalg.vector_norm(torch.cat(columns, 1), ord=p, dim=1)
     return torch.linalg.vector_norm(producer_rows(view, view.items[:1]), ord=p, dim=1)
 
 
@@ -177,14 +197,45 @@ class ShortcutTooNarrow(BadInput):
     need: every narrower width fails too, and narrowing the stream feeding it makes room."""
 
 
+def split_blocks(features: torch.Tensor, blocks: list[list[int]], extra: int, seed: int,
+                 restarts: int) -> list[list[int]]:
+    """``blocks`` split into ``extra`` more parts, one split at a time where it lowers the weight error most.
+
+    A stream can need more clusters than its option-A blocks and padding slots give (its input stream
+    folded hard, itself lightly). Every part still holds pass-through slots that read one input
+    channel, so the shortcut stays a 0/1 gather; two output channels then read the same input channel.
+    """
+    def best_split(block: list[int], parts: int) -> tuple[list[list[int]], float]:
+        if parts == len(block):
+            return [[c] for c in block], 0.0
+        result = cluster(features[block], parts, seed=seed, restarts=restarts)
+        return [[c for c, label in zip(block, result.labels.tolist()) if label == p] for p in range(parts)], \
+            result.inertia
+
+    current = [([block], inertia(features[block], torch.zeros(len(block), dtype=torch.long), 1)) for block in blocks]
+    for _ in range(extra):
+        candidates = [(current[b][1] - split[1], -b, split) for b, split in
+                      ((b, best_split(block, len(current[b][0]) + 1)) for b, block in enumerate(blocks)
+                       if len(current[b][0]) < len(block))]
+        _, negative_b, split = max(candidates, key=lambda c: c[:2])  # largest gain; ties: the first block
+        current[-negative_b] = split
+    return [part for parts, _ in current for part in parts]
+
+
 def fold_labels(features: torch.Tensor, k: int, scores: torch.Tensor, blocks: list[list[int]],
                 seed: int, restarts: int) -> tuple[torch.Tensor, float]:
-    """Cluster labels for a fold to width k, honouring fixed blocks, and their weight error."""
+    """Cluster labels for a fold to exactly k clusters, honouring fixed blocks, and their weight error.
+
+    Blocks are never merged with each other or with free channels; when k exceeds the blocks plus
+    the free channels, blocks are split (``split_blocks``).
+    """
     n = features.shape[0]
     tied = {c for b in blocks for c in b}
     free = [c for c in range(n) if c not in tied]
+    if k > len(blocks) + len(free):
+        blocks = split_blocks(features, blocks, k - len(blocks) - len(free), seed, restarts)
     k_free = k - len(blocks)
-    if free and k_free < 1:
+    if k_free < (1 if free else 0):
         raise ShortcutTooNarrow(f"ratio too high for an option-A shortcut: {len(blocks)} pass-through clusters "
                                 f"leave no room in width {k}; use a lower ratio or --groups inner")
     labels = torch.empty(n, dtype=torch.long)
@@ -195,11 +246,37 @@ def fold_labels(features: torch.Tensor, k: int, scores: torch.Tensor, blocks: li
         starts = ()
         if 1 <= k_free - 1 < len(free):  # magnitude-pruning partition with k_free - 1 kept
             starts = (special_partition(len(free), top_k(sub_scores, k_free - 1)),)
-        result = cluster(sub, min(k_free, len(free)), seed=seed, restarts=restarts, start_partitions=starts)
+        result = cluster(sub, k_free, seed=seed, restarts=restarts, start_partitions=starts)
         labels[free] = result.labels + len(blocks)
         if not blocks:
             return labels, result.inertia
     return labels, inertia(features, labels, int(labels.max()) + 1)
+
+
+def repair_note(view: GroupView, method: str, steps: Sequence[str]) -> str:
+    """What the repair steps do to one compressed group: the steps that apply, '+'-joined, then why any
+    other does not ("none" without steps).
+
+    Fold-AR rescales the BN that alone reads a producer's output; groups with none (transformer
+    MLPs and heads, pre-activation streams) are left as plain fold leaves them.
+    """
+    applied, skipped = [], []
+    for step in steps:
+        reason = None
+        if step == "fold-ar" and method != "fold":
+            reason = "pruning merges no channels"
+        elif step == "fold-ar" and not norm_pairs(view):
+            reason = "no BatchNorm follows a producer"
+        elif step == "bn-recalibrate" and not any(isinstance(item.module, nn.modules.batchnorm._BatchNorm)
+                                                  for item in view.weighted_items):
+            reason = "no BatchNorm in the group"
+        if reason is None:
+            applied.append(step)
+        else:
+            skipped.append(f"not applicable: {reason}" if len(steps) == 1 else f"{step} not applicable: {reason}")
+    if not skipped:
+        return "+".join(applied) or "none"
+    return "; ".join(["+".join(applied)] * bool(applied) + skipped)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -230,22 +307,21 @@ def compress_model(
     calibration: torch.Tensor | None = None,
     device: str | torch.device = "auto",
     progress: Callable[[int], None] | None = None,
+    clusters: dict[str, torch.Tensor] | None = None,
 ) -> CompressionResult:
     """Compress a copy of ``model``; the input model is left unchanged.
 
     ``groups="inner"`` keeps residual streams whole; ``group_ratios`` overrides the ratio per
     group (by root module name); ``protected`` names modules whose outputs stay whole (default:
-    the classifier).
+    the classifier). ``clusters`` (fold) gives groups their cluster labels instead of clustering
+    them, as ``CompressionResult.clusters`` records them (the budget survey re-folds a model this way).
     """
     if method not in METHODS:
         raise BadInput(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if groups not in GROUP_POLICIES:
         raise BadInput(f"unknown groups policy {groups!r}; choose 'all' (every group) or 'inner' (residual streams whole)")
-    if repair not in REPAIRS:
-        raise BadInput(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
-    if repair == "bn-recalibrate" and calibration is None:
-        raise BadInput("repair bn-recalibrate needs unlabelled calibration images: pass --calibration-data PATH "
-                       "(never the evaluation images)")
+    repair = check_repair(repair, calibration is not None)
+    steps = repair_steps(repair)
     ratio = check_ratio(ratio)
     check_round_to(round_to)
     # A group ratio of 0 keeps that group whole (budgeted plans name every group they surveyed).
@@ -253,8 +329,8 @@ def compress_model(
     start = time.perf_counter()
     device = resolve_device(device)
     work = copy.deepcopy(model).eval().to(device)
-    apply_rewrites(work)
     example_inputs = example_inputs.to(device) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    rewritten = apply_rewrites(work, example_inputs)
     names = dict(work.named_modules())
     if protected is None:
         protected_modules = output_layers(work, example_inputs)
@@ -264,26 +340,45 @@ def compress_model(
             raise BadInput(f"protected layer(s) {', '.join(missing)} not found in the model; list module names as printed by `foldship inspect`")
         protected_modules = [names[p] for p in protected]
     adapter = DependencyAdapter(work, example_inputs, protected_modules)
-    result = CompressionResult(work, method, ratio, seed, groups, repair)
+    result = CompressionResult(work, method, ratio, seed, groups, repair, rewritten_modules=rewritten)
     # bn-recalibrate: the uncompressed model's statistics on the calibration images, carried through every edit
-    statistics = bn_statistics(work, calibration) if repair == "bn-recalibrate" else None
+    # (with reconstruct: of each BN's input as deployed, as the reconstruction pass measures them)
+    statistics = None
+    if "bn-recalibrate" in steps:
+        statistics = (bn_input_statistics if "reconstruct" in steps else bn_statistics)(work, calibration)
+    reference = copy.deepcopy(work) if "reconstruct" in steps else None  # targets come from the uncompressed model
+    maps: dict[nn.Module, ChannelMap] = {}
+    ledger = WidthLedger()  # every width the records state, checked against the model at the end
     with torch.no_grad():
         for view in adapter.groups():
-            result.groups.append(_compress_group(view, method, ratios.get(view.name, ratio), groups, seed, restarts,
-                                                 round_to, repair == "fold-ar", statistics))
+            ledger.register(view.weighted_items)
+            record = _compress_group(view, method, ratios.get(view.name, ratio), groups, seed, restarts,
+                                     round_to, "fold-ar" in steps, statistics, clusters or {}, result.clusters, maps)
+            ledger.narrow(view.weighted_items, record.width - record.kept)
+            if record.action in ("folded", "pruned"):
+                record.repair = repair_note(view, method, steps)
+            result.groups.append(record)
             if progress:
                 progress(1)
+    ledger.check(work)
     unknown = set(ratios) - {g.name for g in result.groups}
     if unknown:
         raise BadInput(f"group ratio(s) for unknown group(s) {', '.join(sorted(unknown))}; see `foldship inspect` for group names")
-    if repair == "bn-recalibrate":
+    module_names = {m: n for n, m in work.named_modules()}
+    result.channel_maps = {module_names[m]: channel_map for m, channel_map in maps.items()}
+    if reference is not None:  # with bn-recalibrate, each BN is re-measured once the layers before it are re-solved
+        result.reconstruction = reconstruct(work, reference, calibration, result.channel_maps, seed,
+                                            statistics=statistics, progress=progress)
+    elif statistics is not None:
         recalibrate_bn(work, calibration, reference=statistics)
     result.seconds = time.perf_counter() - start
     return result
 
 
 def _compress_group(view: GroupView, method: str, ratio: float, policy: str, seed: int,
-                    restarts: int, round_to: int, fold_ar: bool, statistics: Statistics | None) -> GroupRecord:
+                    restarts: int, round_to: int, fold_ar: bool, statistics: Statistics | None,
+                    given: dict[str, torch.Tensor], found: dict[str, torch.Tensor],
+                    maps: dict[nn.Module, ChannelMap]) -> GroupRecord:
     n = view.size
     record = GroupRecord(view.name, view.kind, n, n, "kept")
     if policy == "inner" and view.kind == "stream":
@@ -303,14 +398,22 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
         record.action = f"kept: {exc}"
         return record
     p = 1 if method == "prune-l1" else 2
-    scores = producer_scores(view, p)
+    scores = channel_scores(view, p)
+    divisors = {}
     if fold_ar and method == "fold":
         # After the features: Fold-AR merges the BN-normalised rows, but of plain fold's clusters.
-        normalise_producers(view)
+        divisors = normalise_producers(view)
     total = squared_norm(features)
     labels = None
     if method == "fold":
-        labels, error = fold_labels(features, k, scores, fixed_blocks(view), seed, restarts)
+        labels = given.get(view.name)
+        if labels is not None and (len(labels) != n or int(labels.max()) + 1 != k):
+            raise ValueError(f"clusters given for group {view.name} do not fold {n} channels to {k}")
+        if labels is None:
+            labels, error = fold_labels(features, k, scores, fixed_blocks(view), seed, restarts)
+        else:
+            error = inertia(features, labels, k)
+        found[view.name] = labels
         # One factor per producer->BN pair, from that producer's own rows: a depthwise group's
         # expansion conv and depthwise conv each feed their own BN.
         factors = [variance_factors(producer_rows(view, [item]), labels) for item, _ in norm_pairs(view)] if fold_ar else None
@@ -325,6 +428,7 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
         record.action = "pruned"
     if statistics is not None:
         carry_statistics(view, statistics, labels, drop)
+    record_group_maps(view, maps, labels, representatives(labels) if labels is not None else None, drop, divisors)
     view.remove(drop)
     record.kept = k
     record.weight_error = error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -71,6 +72,7 @@ class GroupItem:
     module: nn.Module
     axis: str  # "out": producer side / per-channel op; "in": consumer side
     table: torch.Tensor  # (n, e): the module's indices for each of the group's n channels
+    dim: int = 0  # an unwrapped nn.Parameter's channel dim (Torch-Pruning's pruning dim); 0 for modules
 
     @property
     def weightless(self) -> bool:
@@ -133,10 +135,12 @@ class TracedGroup(GroupView):
         self.items = []
         graph = adapter.graph
         for item in tp_group.items:
-            module = item.dep.target.module
+            target = item.dep.target
+            module = target.module
             axis = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            dim = target.pruning_dim if isinstance(module, nn.Parameter) else 0
             self.items.append(GroupItem(adapter.names.get(module, type(module).__name__), module, axis,
-                                        _index_table(item.idxs, item.root_idxs, self.size)))
+                                        _index_table(item.idxs, item.root_idxs, self.size), dim))
         self.kind = "stream" if any(_is_add(i.module) for i in self.items) else "inner"
 
     def remove(self, channels: Sequence[int]) -> None:
@@ -195,19 +199,22 @@ class ManualGroup(GroupView):
 # Group finders, by model family: each returns GroupSpecs for constructs a tracer cannot group.
 GroupFinder = Callable[[nn.Module], list[GroupSpec]]
 GROUP_FINDERS: list[GroupFinder] = []
-MODEL_REWRITES: list[Callable[[nn.Module], int]] = []
+Rewrite = Callable[[nn.Module, object], int]
+MODEL_REWRITES: list[Rewrite] = []
 
 
-def register_rewrite(rewrite: Callable[[nn.Module], int]) -> Callable[[nn.Module], int]:
+def register_rewrite(rewrite: Rewrite) -> Rewrite:
     """Register an exact, in-place rewrite that makes a model's structure foldable (e.g. packed
-    attention -> per-head projections). It returns how many modules it replaced; compression and
-    group discovery apply every rewrite to their own copy, never to the caller's model."""
+    attention -> per-head projections). It is called as ``rewrite(model, example_inputs)`` (the
+    inputs may be None: a rewrite that needs them then does nothing) and returns how many modules
+    it replaced; compression and group discovery apply every rewrite to their own copy, never to
+    the caller's model."""
     MODEL_REWRITES.append(rewrite)
     return rewrite
 
 
-def apply_rewrites(model: nn.Module) -> int:
-    return sum(rewrite(model) for rewrite in MODEL_REWRITES)
+def apply_rewrites(model: nn.Module, example_inputs=None) -> int:
+    return sum(rewrite(model, example_inputs) for rewrite in MODEL_REWRITES)
 
 
 def register_group_finder(finder: GroupFinder) -> GroupFinder:
@@ -247,9 +254,10 @@ class DependencyAdapter:
 
     def __init__(self, model: nn.Module, example_inputs, protected: Sequence[nn.Module] = ()):
         self.model = model
-        self.names = {m: n for n, m in model.named_modules()}
+        # parameters too: an unwrapped nn.Parameter (a layer scale) is a group item of its own
+        self.names = {p: n for n, p in model.named_parameters()} | {m: n for n, m in model.named_modules()}
         self.protected = list(protected)
-        self.order, self.norm_after = trace_layers(model, example_inputs)
+        self.order, reads = trace_layers(model, example_inputs)
         self.specs = [spec for finder in GROUP_FINDERS for spec in finder(model)]
         modules = dict(model.named_modules())
         self.hidden = [modules[name] for spec in self.specs for name in spec.hide]
@@ -262,6 +270,10 @@ class DependencyAdapter:
             raise BadInput(f"cannot trace the model to find its channel groups ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the input shape and that "
                            f"forward() runs on it") from exc
+        # A layer pairs with the BN that reads its output only when nothing else reads it: rescaling a
+        # pre-activation net's stem, whose output also feeds the residual add, would change the add.
+        self.norm_after = {layer: norm for layer, norm in reads.items() if layer in self.graph.module2node
+                           and len({id(out) for out in self.graph.module2node[layer].outputs}) == 1}
 
     def groups(self) -> Iterator[GroupView]:
         """Fresh groups in execution order, then finder groups; safe to edit the model between yields."""
@@ -283,19 +295,25 @@ class DependencyAdapter:
 
 
 def trace_layers(model: nn.Module, example_inputs) -> tuple[list[nn.Module], dict[nn.Module, nn.Module]]:
-    """Conv/linear layers in first-run order, and the BatchNorm that directly normalises each one's output."""
+    """Conv/linear layers in first-run order, and the BatchNorm that reads each one's output as it was produced.
+
+    Outputs are held by weak reference and checked by identity and version: a BN reading a tensor
+    Python placed at a freed output's address, or an output a residual was added to in place
+    (``out += shortcut`` in a pre-activation net), pairs with nothing. Whether the output also
+    goes elsewhere is the graph's to say (``DependencyAdapter``).
+    """
     order: list[nn.Module] = []
-    produced_by: dict[int, nn.Module] = {}
+    produced_by: dict[int, tuple[weakref.ref, int, nn.Module]] = {}
     norm_after: dict[nn.Module, nn.Module] = {}
 
     def on_layer(module, inputs, output):
         if module not in order:
             order.append(module)
-        produced_by[id(output)] = module
+        produced_by[id(output)] = (weakref.ref(output), output._version, module)
 
     def on_norm(module, inputs):
-        producer = produced_by.get(id(inputs[0]))
-        if producer is not None:
+        output, version, producer = produced_by.get(id(inputs[0]), (lambda: None, None, None))
+        if output() is inputs[0] and inputs[0]._version == version:
             norm_after.setdefault(producer, module)
 
     hooks = [m.register_forward_hook(on_layer) for m in model.modules()
@@ -324,7 +342,7 @@ def channel_groups(model: nn.Module, example_inputs, protected: Sequence[nn.Modu
     names = {id(m): name for name, m in model.named_modules()}
     protected_names = None if protected is None else [names[id(m)] for m in protected]
     work = copy.deepcopy(model)
-    apply_rewrites(work)
+    apply_rewrites(work, example_inputs)
     modules = dict(work.named_modules())
     protected = output_layers(work, example_inputs) if protected_names is None else [modules[n] for n in protected_names]
     adapter = DependencyAdapter(work, example_inputs, protected)

@@ -1,4 +1,8 @@
-"""Repairs after folding: the data-free Fold-AR variance correction and BN re-estimation on images.
+"""Repairs after compression, and the one parser of repair names (``repair_steps``).
+
+A repair is 'none' or steps joined by '+', applied in ``STEPS`` order: fold-ar (during the
+merge), reconstruct (``reconstruct.py``), bn-recalibrate. This module holds the data-free Fold-AR
+variance correction and BN re-estimation on images.
 
 Both follow method.md section 8. Fold-AR works in BN-normalised space: each producer row is
 divided by its BN's running std (a function-preserving rewrite), so merging averages normalised
@@ -17,9 +21,48 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import BadInput
 from .groups import GroupItem, GroupView
 
-REPAIRS = ("none", "fold-ar", "bn-recalibrate")
+STEPS = ("fold-ar", "reconstruct", "bn-recalibrate")  # the order repair steps apply in
+DATA_STEPS = ("reconstruct", "bn-recalibrate")  # steps that read unlabelled calibration images
+
+
+def repair_steps(repair: str) -> tuple[str, ...]:
+    """The steps of a repair: 'none', or step names joined by '+' in ``STEPS`` order (spaces ignored).
+
+    BadInput for an unknown, repeated or misordered step, and for fold-ar with bn-recalibrate:
+    both restore the variance that averaging channels removes, so together they restore it twice.
+    """
+    text = str(repair).replace(" ", "")
+    if text == "none":
+        return ()
+    steps = tuple(text.split("+"))
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise BadInput(f"unknown repair step {unknown[0]!r} in {repair!r}; use none or steps joined by '+' from "
+                       f"{', '.join(STEPS)} (in that order), e.g. reconstruct+bn-recalibrate")
+    if list(steps) != sorted(set(steps), key=STEPS.index):
+        raise BadInput(f"repair {repair!r}: give each step once, in the order {'+'.join(STEPS)} "
+                       f"(e.g. {'+'.join(sorted(set(steps), key=STEPS.index))})")
+    if "fold-ar" in steps and "bn-recalibrate" in steps:
+        raise BadInput(f"repair {repair!r}: fold-ar and bn-recalibrate both restore the variance that merging "
+                       f"channels removes, so together they correct it twice; use one of them")
+    return steps
+
+
+def canonical_repair(repair: str) -> str:
+    """The repair's name as reports and sweeps record it ('none' or the steps joined by '+')."""
+    return "+".join(repair_steps(repair)) or "none"
+
+
+def check_repair(repair: str, has_calibration: bool) -> str:
+    """``canonical_repair``, and BadInput when a step that reads images has no calibration data."""
+    steps = repair_steps(repair)
+    if any(s in DATA_STEPS for s in steps) and not has_calibration:
+        raise BadInput(f"repair {'+'.join(steps)} needs unlabelled calibration images: pass --calibration-data PATH "
+                       f"(never the evaluation images)")
+    return "+".join(steps) or "none"
 
 
 def norm_pairs(view: GroupView) -> list[tuple[GroupItem, nn.Module]]:
@@ -33,20 +76,25 @@ def norm_pairs(view: GroupView) -> list[tuple[GroupItem, nn.Module]]:
     return pairs
 
 
-def normalise_producers(view: GroupView) -> None:
+def normalise_producers(view: GroupView) -> dict[nn.Module, torch.Tensor]:
     """Divide each producer row by its BN's running std; the BN then sees unit variance.
 
     Exact rewrite: BN(Wx) = gamma (Wx - mu) / s + beta = gamma (W'x - mu') / 1 + beta with
-    W' = W / s, mu' = mu / s and running_var' + eps = 1. No parameter is added.
+    W' = W / s, mu' = mu / s and running_var' + eps = 1. No parameter is added. Returns each
+    producer's divisor per output (1 for outputs outside the group).
     """
+    divisors = {}
     for item, norm in norm_pairs(view):
         producer, rows = item.module, item.table.flatten()
         scale = (norm.running_var + norm.eps).sqrt()
+        divisors[producer] = torch.ones(producer.weight.shape[0], dtype=torch.float64, device=scale.device)
+        divisors[producer][rows] = scale[rows].to(torch.float64)
         producer.weight.data[rows] /= scale[rows].view(-1, *([1] * (producer.weight.dim() - 1))).to(producer.weight.dtype)
         if producer.bias is not None:
             producer.bias.data[rows] /= scale[rows]
         norm.running_mean[rows] /= scale[rows]
         norm.running_var[rows] = 1.0 - norm.eps
+    return divisors
 
 
 def variance_factors(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -109,6 +157,44 @@ def bn_statistics(model: nn.Module, images: torch.Tensor, batch: int = 128) -> S
             m.train(training)
 
 
+def input_moments(x: torch.Tensor, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (axis 1) mean and unbiased variance of a BN layer's input ``x``, estimated as BN
+    does: each over a batch of ``batch`` images, then averaged over the batches."""
+    axes = [d for d in range(x.dim()) if d != 1]
+    moments = [(chunk.mean(axes), chunk.var(axes)) for chunk in x.split(batch)]
+    return tuple(torch.stack(values).mean(0) for values in zip(*moments))
+
+
+def bn_input_statistics(model: nn.Module, images: torch.Tensor, batch: int = 128) -> Statistics:
+    """Every BN layer's ``input_moments`` with the model as it runs when deployed (eval mode: each
+    BN normalises with its running statistics), over ``images`` in batches of ``batch``."""
+    seen: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, inputs: seen.setdefault(m, []).append(input_moments(inputs[0])))
+             for m in _running_norms(model)]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch):
+                model(images[start:start + batch].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {m: tuple(torch.stack(values).mean(0) for values in zip(*found)) for m, found in seen.items()}
+
+
+def apply_statistics(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor,
+                     reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Store measured statistics (``recalibrate_bn``): as they are, or, given the ``reference`` the
+    uncompressed model measured, moved by the change only."""
+    if reference is not None:
+        reference_mean, reference_var = reference
+        mean = norm.running_mean + (mean - reference_mean)
+        # a channel silent on the images (variance ~ 0) has no ratio to apply: take the measurement
+        var = torch.where(reference_var > norm.eps, norm.running_var * (var / reference_var.clamp_min(norm.eps)), var)
+    norm.running_mean.copy_(mean)
+    norm.running_var.copy_(var)
+
+
 def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch: int = 128, reference: Statistics | None = None) -> int:
     """Re-estimate every BN layer's running statistics on unlabelled images.
 
@@ -126,11 +212,5 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch: int = 128, ref
     """
     measured = bn_statistics(model, images, batch)
     for m, (mean, var) in measured.items():
-        if reference is not None and m in reference:
-            reference_mean, reference_var = reference[m]
-            mean = m.running_mean + (mean - reference_mean)
-            # a channel silent on the images (variance ~ 0) has no ratio to apply: take the measurement
-            var = torch.where(reference_var > m.eps, m.running_var * (var / reference_var.clamp_min(m.eps)), var)
-        m.running_mean.copy_(mean)
-        m.running_var.copy_(var)
+        apply_statistics(m, mean, var, None if reference is None else reference.get(m))
     return len(measured)

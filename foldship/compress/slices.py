@@ -26,7 +26,7 @@ class Slice:
     producer: bool  # a producer row (used for magnitude scores)
 
 
-def _is_depthwise(module: nn.Module) -> bool:
+def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 \
         and module.groups == module.in_channels == module.out_channels
 
@@ -41,7 +41,7 @@ def item_slices(item: GroupItem) -> list[Slice]:
     if item.weightless or isinstance(m, PadShortcut):
         return []
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-        if item.axis == "out" or _is_depthwise(m):
+        if item.axis == "out" or is_depthwise(m):
             out = [Slice(m.weight.data, 0, MEAN, True, item.axis == "out")]
             if m.bias is not None:
                 out.append(Slice(m.bias.data, 0, MEAN, True, False))
@@ -56,6 +56,6 @@ def item_slices(item: GroupItem) -> list[Slice]:
         if m.track_running_stats:
             out += [Slice(m.running_mean, 0, MEAN, False, False), Slice(m.running_var, 0, MEAN, False, False)]
         return out
-    if isinstance(m, nn.Parameter):
-        return [Slice(m.data, -1, MEAN, True, False)]
+    if isinstance(m, nn.Parameter):  # along Torch-Pruning's pruning dim: a (C, 1, 1) layer scale is dim 0
+        return [Slice(m.data, item.dim, MEAN, True, False)]
     raise UnsupportedItem(f"{type(m).__name__} {item.name}: merging channels would change its statistics")

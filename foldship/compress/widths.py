@@ -8,6 +8,8 @@ channels (>= the block) are not a multiple of it, or a depthwise one whose chann
 left out of NCHWc and runs the slower NCHW path between reorders (ORT's NCHWc transformer). So a
 width between blocks buys nothing or costs time. FP16 tensor cores (TensorRT, cuDNN) want channel
 multiples of 8. docs/speed.md has the measurements (benchmarks/conv_widths.py).
+
+The width ledger checks every compressed tensor has the width its group records.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadInput
+from torch import nn
+
+from ..errors import BadInput, FoldshipError
+from ..models.cifar_resnet import PadShortcut
 
 AUTO = "auto"
 GPU_MULTIPLE = 8  # FP16 tensor cores take channel counts in multiples of 8 (TF32 in 4s: 8 serves both)
@@ -128,3 +133,57 @@ def ratio_for_width(n: int, width: int) -> float:
     int(n * (1 - r)) with r = (n - width - 0.5) / n is width + 0.5 floored: exact despite float rounding.
     """
     return (n - width - 0.5) / n if width < n else 0.0
+
+
+class WidthMismatch(FoldshipError):
+    """Internal error: a compressed tensor's real width differs from the width its group records.
+    Never raised on a correct engine; it stops a build instead of shipping a width nobody recorded."""
+
+
+def axis_width(holder, axis: str, dim: int = 0) -> int | None:
+    """How many indices ``holder`` (a module or an unwrapped parameter) really has along a group
+    item's axis; None for holders without channel tensors (e.g. LayerNorm, which groups keep whole)."""
+    if isinstance(holder, nn.Parameter):
+        return holder.shape[dim]
+    if isinstance(holder, PadShortcut):
+        return len(holder.gather_index) if axis == "out" else holder.in_channels
+    if isinstance(holder, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        return holder.weight.shape[0] if axis == "out" else holder.weight.shape[1] * getattr(holder, "groups", 1)
+    if isinstance(holder, nn.modules.batchnorm._BatchNorm):
+        return len(holder.running_mean if holder.running_mean is not None else holder.weight)
+    return None
+
+
+class WidthLedger:
+    """Every coupled tensor's width as the group records say it must be, checked against the model.
+
+    For each group, ``register`` before its edit (a tensor's width when a group first touches it)
+    and ``narrow`` after, by the channels the group records as removed; ``check`` then compares
+    every registered tensor with the compressed model.
+    """
+
+    def __init__(self):
+        self.expected: dict[tuple[str, str], tuple[int, int]] = {}  # (holder name, axis) -> (width, dim)
+
+    def register(self, items) -> None:
+        for item in items:
+            width = axis_width(item.module, item.axis, item.dim)
+            if width is not None:
+                self.expected.setdefault((item.name, item.axis), (width, item.dim))
+
+    def narrow(self, items, removed: int) -> None:
+        for key, item in {(item.name, item.axis): item for item in reversed(items)}.items():
+            if key in self.expected and removed:
+                width, dim = self.expected[key]
+                self.expected[key] = (width - removed * item.table.shape[1], dim)
+
+    def check(self, model) -> None:
+        holders = dict(model.named_modules()) | dict(model.named_parameters())
+        wrong = []
+        for (name, axis), (width, dim) in self.expected.items():
+            real = axis_width(holders[name], axis, dim) if name in holders else None
+            if real != width:
+                wrong.append(f"{name} ({axis}) is {real} wide, recorded {width}")
+        if wrong:
+            raise WidthMismatch(f"internal error: compressed widths differ from the recorded ones "
+                                f"({'; '.join(wrong[:3])}); nothing was written, please report this as a bug")

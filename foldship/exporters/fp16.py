@@ -16,10 +16,14 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
+from .diverge import first_divergence, graph_nodes, onnx_tensors, try_locate, worst_inputs
 from .onnx_export import OnnxArtifact, describe_onnx, move_onnx, remove_onnx, save_onnx
 from .verify import ExportFailed, interface, max_abs_error, onnx_logits, structural_problem
 
 FP16_MAX = 65504.0  # the converter's default clamp (1e4) would silently change larger weights
+# Where an FP16 graph departs from its FP32 source: float16 keeps about three significant digits,
+# so rounding alone stays well inside 1 % of a tensor's scale; overflow (inf) is far outside it.
+FP16_RELATIVE_TOLERANCE = 1e-2
 
 
 @dataclass
@@ -105,7 +109,11 @@ def convert_fp16(source: OnnxArtifact, dst: str | Path, inputs: torch.Tensor) ->
         full, ort_cpu = onnx_logits(src, inputs), onnx_logits(tmp, inputs)
         low = onnx_logits(emulation, inputs, rewrites=False)  # fusions could drop the rounding casts
         if not (np.isfinite(low).all() and np.isfinite(ort_cpu).all()):
-            raise ExportFailed(f"FP16 {src.name} gives non-finite outputs (float16 overflow); keep --precision fp32")
+            sample = worst_inputs(full, low, inputs).numpy()
+            where = try_locate(lambda: first_divergence(onnx_tensors(proto, sample), onnx_tensors(emulation, sample),
+                                                        graph_nodes(half), FP16_RELATIVE_TOLERANCE))
+            raise ExportFailed(f"FP16 {src.name} gives non-finite outputs (float16 overflow; {where.describe()}); "
+                               f"keep --precision fp32")
     except BaseException:
         remove_onnx(tmp)
         raise

@@ -18,6 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from .diverge import Divergence, first_divergence
+
 # Fusion only reorders float arithmetic: anything beyond rounding noise means a wrong pair.
 RELATIVE_TOLERANCE = 1e-5
 
@@ -30,11 +32,12 @@ class FusionResult:
     max_abs_error: float = 0.0  # fused vs original on the check inputs
     tolerance: float = 0.0
     note: str = ""  # why nothing was fused, when that happened
+    divergence: dict | None = None  # fused model rejected: the first pair whose output departs
 
     def summary(self) -> dict:
         return {"fused_pairs": len(self.pairs), "pairs": [f"{a}+{b}" for a, b in self.pairs],
                 "unfused_batchnorms": self.unfused_batchnorms, "max_abs_error": self.max_abs_error,
-                "tolerance": self.tolerance, "note": self.note}
+                "tolerance": self.tolerance, "note": self.note, "divergence": self.divergence}
 
 
 def fuse_batchnorm(model: nn.Module, inputs: torch.Tensor) -> FusionResult:
@@ -71,9 +74,32 @@ def fuse_batchnorm(model: nn.Module, inputs: torch.Tensor) -> FusionResult:
     error = float((candidate.double() - reference.double()).abs().max())
     tolerance = RELATIVE_TOLERANCE * max(1.0, float(reference.abs().max()))
     if not error <= tolerance:
+        where = _first_departing_pair(model, fused, pairs, inputs)
         return FusionResult(model, unfused_batchnorms=batchnorms, max_abs_error=error, tolerance=tolerance,
-                            note=f"fused model differed by {error:.3g} (> {tolerance:.3g}); exported unfused")
+                            note=f"fused model differed by {error:.3g} (> {tolerance:.3g}); {where.describe()}; "
+                                 f"exported unfused", divergence=where.summary())
     return FusionResult(fused, pairs, batchnorms - len(pairs), error, tolerance)
+
+
+def _first_departing_pair(model: nn.Module, fused: nn.Module, pairs: list[tuple[str, str]],
+                          inputs: torch.Tensor) -> Divergence:
+    """The first pair, in the order the model runs them, whose fused output departs from its BN's output."""
+    original, merged = {}, {}
+    hooks = [model.get_submodule(bn).register_forward_hook(
+                 lambda module, args, out, key=bn: original.__setitem__(key, out.detach().clone().numpy()))
+             for _, bn in pairs]
+    hooks += [fused.get_submodule(producer).register_forward_hook(
+                  lambda module, args, out, key=bn: merged.__setitem__(key, out.detach().clone().numpy()))
+              for producer, bn in pairs]
+    try:
+        with torch.no_grad():
+            model(inputs)
+            fused(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    nodes = [(f"{producer}+{bn}", type(fused.get_submodule(producer)).__name__ + "+BN", [bn]) for producer, bn in pairs]
+    return first_divergence(original, merged, nodes, RELATIVE_TOLERANCE)
 
 
 def _fusable_pairs(model: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ import onnx
 import torch
 
 from ..errors import BadInput
+from .diverge import locate_in_onnx, try_locate, worst_inputs
 from .onnx_export import move_onnx, remove_onnx, save_onnx
 from .verify import interface, max_abs_error, node_counts, onnx_logits, structural_problem
 
@@ -62,6 +63,7 @@ class PassRecord:
     nodes_before: int
     nodes_after: int | None  # the candidate's node count, also when it was dropped
     reason: str = ""  # why the pass was dropped
+    divergence: dict | None = None  # a pass dropped for its outputs: the first node whose output departs
 
 
 @dataclass
@@ -147,7 +149,10 @@ def _try_pass(name, transform, proto: onnx.ModelProto, candidate: Path, referenc
     record.max_abs_error = max_abs_error(outputs, candidate_outputs)
     record.tolerance = PASS_RELATIVE_TOLERANCE * max(1.0, float(np.abs(outputs).max()))
     if not record.max_abs_error <= record.tolerance:
-        record.reason = f"outputs changed by {record.max_abs_error:.3g} (> {record.tolerance:.3g})"
+        sample = worst_inputs(outputs, candidate_outputs, inputs).numpy()
+        where = try_locate(lambda: locate_in_onnx(proto, candidate, sample, PASS_RELATIVE_TOLERANCE))
+        record.reason = f"outputs changed by {record.max_abs_error:.3g} (> {record.tolerance:.3g}); {where.describe()}"
+        record.divergence = where.summary()
         return record, None
     record.kept = True
     return record, (shrunk, candidate_outputs)

@@ -9,10 +9,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from ..errors import BadInput
+from .diverge import first_divergence, graph_nodes, onnx_tensors, torch_tensors, try_locate, worst_inputs
 from .fp16 import Fp16Result, convert_fp16
 from .fuse import FusionResult, fuse_batchnorm
 from .onnx_export import EXPORTERS, OnnxArtifact, describe_onnx, export_onnx, remove_onnx
@@ -88,12 +90,22 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: str | Path, na
     error = max_abs_error(reference, shipped)
     tolerance = TORCH_PARITY_RELATIVE_TOLERANCE * max(1.0, float(np.abs(reference).max()))
     if not error <= tolerance:
+        where = _locate_torch_parity(fusion.model, final.path, worst_inputs(reference, shipped, checks), options)
         remove_onnx(final.path)
         raise ExportFailed(f"{name}.onnx differs from the PyTorch model by {error:.3g} (> {tolerance:.3g}) on real "
-                           f"inputs; try --exporter {'legacy' if options.exporter == 'dynamo' else 'dynamo'}")
+                           f"inputs; {where}; try --exporter {'legacy' if options.exporter == 'dynamo' else 'dynamo'}")
     parity = {"images": len(checks), "max_abs_error": error, "tolerance": tolerance,
               "top1_agreement": float((reference.argmax(1) == shipped.argmax(1)).mean())}
     return _derive(ExportedModel(name, final, shrink, fusion, parity), folder, options, inputs)
+
+
+def _locate_torch_parity(model: nn.Module, path: str, inputs: torch.Tensor, options: ExportOptions) -> str:
+    """Where the ONNX graph departs from the PyTorch model it was exported from (dynamo names only)."""
+    if options.exporter != "dynamo":
+        return "no node located: the legacy exporter's tensor names do not map to the model's"
+    where = try_locate(lambda: first_divergence(torch_tensors(model, inputs), onnx_tensors(path, inputs.numpy()),
+                                                graph_nodes(onnx.load(path)), TORCH_PARITY_RELATIVE_TOLERANCE))
+    return where.describe()
 
 
 def ship_onnx(source: OnnxArtifact, folder: str | Path, name: str, options: ExportOptions,

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import BadInput
 from .cifar_resnet import PadShortcut
-from .registry import LoadedModel, Preprocessing, model_spec, short_list
+from .registry import LoadedModel, Preprocessing, example_inputs, model_spec, short_list
 
 SPEC_FORMAT = "foldship-compressed-model"
 SPEC_VERSION = 1
@@ -91,6 +91,9 @@ def save_compressed(model: nn.Module, original: LoadedModel, spec_path: str | Pa
     """
     from safetensors.torch import save as to_safetensors
 
+    if original.source is not None:
+        raise NotDescribable(f"a width spec rebuilds models of foldship's registry, and {original.name} comes from "
+                             f"{original.source['kind']}; ship the ONNX file instead")
     spec_path = Path(spec_path)
     weights_path = spec_path.with_suffix(".safetensors")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -182,7 +185,8 @@ def rebuild(spec: dict, source: Path | str = "<spec>") -> nn.Module:
     model = arch.build(num_classes=arch.num_classes)
     from ..compress.groups import apply_rewrites  # late: compress imports models
 
-    apply_rewrites(model)  # compression ran on the rewritten structure, so the spec names its layers
+    # Compression ran on the rewritten structure, so the spec names its layers.
+    apply_rewrites(model, example_inputs(model, tuple(info["input_shape"]), 2))
     modules = dict(model.named_modules())
     for name, widths in spec["layers"].items():
         original = modules.get(name)

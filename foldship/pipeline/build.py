@@ -8,13 +8,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
+from torch import nn
 
 from ..compress.budget import plan_budget
 from ..compress.engine import compress_model
 from ..data import calibration_images, load_images
 from ..data.presets import resolve_preprocessing
 from ..exporters import export_model, export_report
-from ..models.registry import LoadedModel, Preprocessing, check_forward, load_model
+from ..models.registry import LoadedModel, check_forward, load_model
 from ..models.saved import SPEC_NAME, NotDescribable, save_compressed
 from ..validators import count_macs, count_params, run_folder_artifacts, torch_artifact
 from ..validators.stage import validate
@@ -23,6 +24,7 @@ from .environment import fingerprint, keep_freed_memory
 from .progress import StageProgress
 from .report import write_report
 from .run_folder import RunFolder
+from .sources import check_conversion, check_repair, export_baseline, given_model
 
 
 @dataclass
@@ -37,35 +39,49 @@ class BuildOutcome:
 
 def load_from_config(config: BuildConfig) -> LoadedModel:
     loaded = load_model(config.model, config.checkpoint, config.num_classes, config.input_size,
-                        config.trust_checkpoint, checkpoint_map=config.checkpoint_map)
+                        config.trust_checkpoint, checkpoint_map=config.checkpoint_map, model_args=config.model_args,
+                        input_shape=config.input_shape)
+    config.require_weights()  # after loading: an unknown model or a missing file is what to fix first
     loaded.preprocessing = resolve_preprocessing(loaded.preprocessing, config.preprocess,
                                                  **config.preprocessing_overrides())
     check_forward(loaded)
     return loaded
 
 
-def build(config: BuildConfig, progress: StageProgress | None = None) -> BuildOutcome:
-    """Run every stage and write the run folder; bad input raises BadInput before anything is kept."""
+def build(config: BuildConfig, progress: StageProgress | None = None, *,
+          model: LoadedModel | nn.Module | None = None) -> BuildOutcome:
+    """Run every stage and write the run folder; bad input raises BadInput before anything is kept.
+
+    ``model`` builds a model made in Python instead of ``config.model`` (whose checkpoint and
+    model_args are then not used): a LoadedModel as it is, or an nn.Module with trained weights,
+    taken with the config's input_shape (or input_size), num_classes and preprocessing keys.
+    """
     progress = progress or StageProgress(quiet=True)
     config.validate()
     keep_freed_memory()  # process-wide: the survey's and evaluation's activations reuse freed memory
     with RunFolder(config.out, config.overwrite) as folder:  # commits whole, or discards on any error or signal
-        report, latency_samples = _run_stages(config, folder, progress)
+        report, latency_samples = _run_stages(config, folder, progress, model)
         write_report(folder.staging, report, latency_samples)
     return BuildOutcome(report, str(folder.final))
 
 
-def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress) -> tuple[dict, dict]:
+def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
+                given: LoadedModel | nn.Module | None = None) -> tuple[dict, dict]:
     first_stage = len(progress.timings)
     with progress.stage("load model"):
-        loaded = load_from_config(config)
+        loaded = load_from_config(config) if given is None else given_model(given, config)
+        check_repair(config.repair, loaded.model, loaded.name)
     with progress.stage("load data") as advance:
         data = load_images(config.data, loaded.preprocessing, config.limit, loaded.num_classes,
                            input_shape=loaded.input_shape, progress=advance)
-        calibration = None
+        chosen = None  # calibration images, near-copies of the evaluation images left out
         if config.calibration_data:
-            calibration = calibration_images(config.calibration_data, loaded.preprocessing, data,
-                                             config.calibration_count, config.seed)
+            chosen = calibration_images(config.calibration_data, loaded.preprocessing, data,
+                                        config.calibration_count, config.seed)
+        calibration = None if chosen is None else chosen.x
+    if loaded.baseline_onnx:  # a converted ONNX model must compute what the file computes, before compression
+        with progress.stage("check conversion (ONNX Runtime vs PyTorch)"):
+            check_conversion(loaded, data.x)
     example = loaded.example_inputs(2)
     widths = config.width_rule()
     round_to = widths.round_to
@@ -88,9 +104,10 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress)
     export_options = config.export_options()
     with progress.stage("export (fuse, ONNX, shrink)", total=2) as advance:
         exported = []
-        for key, model in (("baseline", loaded.model), ("compressed", compressed)):
-            exported.append(export_model(model, example, folder.staging, key, export_options, data.x))
-            advance()
+        exported.append(export_baseline(loaded, example, folder.staging, export_options, data.x))
+        advance()
+        exported.append(export_model(compressed, example, folder.staging, "compressed", export_options, data.x))
+        advance()
     base_onnx, comp_onnx = exported[0].onnx, exported[1].onnx
     artifacts = [torch_artifact("baseline.pytorch", loaded.model), torch_artifact("compressed.pytorch", compressed),
                  *run_folder_artifacts(folder.staging)]
@@ -110,12 +127,12 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress)
     return {
         "foldship_version": metadata.version("foldship"),
         "model": {"name": loaded.name, "checkpoint": loaded.checkpoint, "checkpoint_sha256": loaded.checkpoint_sha256,
-                  "checkpoint_mapping": loaded.checkpoint_mapping,
+                  "checkpoint_mapping": loaded.checkpoint_mapping, "source": loaded.source,
+                  "random_weights": given is None and config.random_weights,
                   "input_shape": list(loaded.input_shape), "num_classes": loaded.num_classes,
                   "preprocessing": asdict(loaded.preprocessing)},
         "data": {"path": data.source, "images": len(data),
-                 "calibration": None if calibration is None else
-                 {"path": config.calibration_data, "images": len(calibration), "disjoint_from_evaluation": True}},
+                 "calibration": None if chosen is None else chosen.summary()},
         "method": config.method,
         "ratio": config.ratio,
         "seed": config.seed,

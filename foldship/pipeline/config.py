@@ -11,11 +11,11 @@ import yaml
 from ..compress.budget import check_targets
 from ..compress.engine import GROUP_POLICIES, METHODS, resolve_device
 from ..data.presets import resolve_preprocessing
-from ..compress.repairs import REPAIRS
+from ..compress.repairs import check_repair
 from ..compress.widths import WidthRule, check_ratio, check_round_to, width_rule
 from ..errors import BadInput
 from ..exporters import ExportOptions, TrtSettings
-from ..models.registry import Preprocessing
+from ..models.registry import Preprocessing, external_source, weights_inside
 from ..validators.artifacts import OrtSettings
 from ..validators.gates import GATES, check_limits
 from ..validators.latency import LatencyProtocol
@@ -23,6 +23,10 @@ from ..validators.stage import ValidationSettings
 
 # The project's real checkpoints and images live beside the checkout (never copied into it).
 SHARED_DATA = Path(os.environ.get("FOLDSHIP_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+# A default checkpoint only for the model it was trained for; any other model needs --checkpoint.
+DEFAULT_CHECKPOINTS = {name: SHARED_DATA / "checkpoints/cifar10_resnet_akamaster" / file for name, file in (
+    ("cifar_resnet20", "resnet20-12fca82f.th"), ("cifar_resnet56", "resnet56-4bfd9763.th"))}
+ACCURACY_GATES = ("max_accuracy_drop", "min_agreement")
 
 
 @dataclass
@@ -30,14 +34,14 @@ class BuildConfig:
     """Everything ``foldship build`` needs; each field is also a YAML key of the same name."""
 
     model: str = "cifar_resnet20"
-    checkpoint: str | None = str(SHARED_DATA / "checkpoints/cifar10_resnet_akamaster/resnet20-12fca82f.th")
+    checkpoint: str | None = None  # default: the shared-data file of cifar_resnet20 / cifar_resnet56 (DEFAULT_CHECKPOINTS)
     data: str = str(SHARED_DATA / "cifar10/cifar10_test_first1000_lossless.npz")
     out: str = "runs/demo"
     method: str = "fold"
     ratio: float = 0.3
     groups: str = "all"
     repair: str = "none"
-    calibration_data: str | None = None  # unlabelled images for bn-recalibrate (never the evaluation set)
+    calibration_data: str | None = None  # unlabelled images for reconstruct and bn-recalibrate (never the evaluation set)
     calibration_count: int = 512
     group_ratios: dict[str, float] = field(default_factory=dict)
     protected: list[str] | None = None  # module names whose outputs stay whole; default: classifier
@@ -86,17 +90,18 @@ class BuildConfig:
     max_size_mb: float | None = None
     trust_checkpoint: bool = False
     overwrite: bool = False
+    # Models from outside the registry (docs/models.md): factory keyword arguments and input shape for
+    # file.py:factory / module:factory; random_weights builds without a checkpoint (smoke tests only).
+    model_args: dict = field(default_factory=dict)
+    input_shape: list[int] | None = None
+    random_weights: bool = False
 
     def validate(self) -> "BuildConfig":
         if self.method not in METHODS:
             raise BadInput(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.groups not in GROUP_POLICIES:
             raise BadInput(f"unknown groups policy {self.groups!r}; choose one of {', '.join(GROUP_POLICIES)}")
-        if self.repair not in REPAIRS:
-            raise BadInput(f"unknown repair {self.repair!r}; choose one of {', '.join(REPAIRS)}")
-        if self.repair == "bn-recalibrate" and not self.calibration_data:
-            raise BadInput("--repair bn-recalibrate needs --calibration-data PATH (unlabelled images, never the "
-                           "evaluation set)")
+        self.repair = check_repair(self.repair, bool(self.calibration_data))
         self.export_options().validate()
         if self.min_fp16_agreement is not None and not 0 <= self.min_fp16_agreement <= 1:
             raise BadInput(f"min_fp16_agreement is a fraction in [0, 1], got {self.min_fp16_agreement}")
@@ -107,6 +112,7 @@ class BuildConfig:
         resolve_preprocessing(Preprocessing(), self.preprocess, **self.preprocessing_overrides())
         self.validation_settings()
         check_limits(self.gate_limits())
+        self.check_weights()
         return self
 
     def width_rule(self) -> WidthRule:
@@ -114,6 +120,33 @@ class BuildConfig:
         target) by default with a budget target, target tensorrt or a GPU backend; raw widths otherwise."""
         return width_rule(self.round_to, budget=self.target_macs is not None or self.target_latency is not None,
                           target=self.target, gpu_backends=any(not b.endswith("-cpu") for b in self.backends or []))
+
+    def check_weights(self) -> None:
+        """Fill in the model's own shared-data checkpoint; refuse what random weights cannot judge.
+
+        A model without a default and without --checkpoint is refused when it is loaded (see
+        ``load_from_config``): a sweep gives its checkpoints after this check.
+        """
+        source = external_source(self.model)
+        if source is not None and source.weights_inside and self.checkpoint is not None:
+            raise BadInput(f"model {self.model} carries its own weights; drop --checkpoint")
+        if self.random_weights and weights_inside(self.model):
+            raise BadInput(f"model {self.model} brings its trained weights; drop --random-weights")
+        if self.random_weights:
+            if self.checkpoint is not None:
+                raise BadInput("--random-weights builds without trained weights; drop it or --checkpoint")
+            gates = [f"--{g.replace('_', '-')}" for g in ACCURACY_GATES if getattr(self, g) is not None]
+            if gates:
+                raise BadInput(f"{', '.join(gates)} cannot judge a --random-weights build (a smoke test: its "
+                               f"predictions mean nothing); pass --checkpoint with trained weights or drop the gate")
+        elif self.checkpoint is None and self.model in DEFAULT_CHECKPOINTS:
+            self.checkpoint = str(DEFAULT_CHECKPOINTS[self.model])
+
+    def require_weights(self) -> None:
+        """Refuse to load ``model`` without trained weights, unless they are inside it or random on purpose."""
+        if self.checkpoint is None and not self.random_weights and not weights_inside(self.model):
+            raise BadInput(f"model {self.model} needs a trained checkpoint: pass --checkpoint PATH (a state dict or "
+                           f".safetensors); --random-weights builds without one, for smoke tests only")
 
     def preprocessing_overrides(self) -> dict:
         return {"mean": self.mean, "std": self.std, "resize": self.resize, "crop": self.crop,
@@ -151,10 +184,33 @@ def read_yaml(path: str | Path | None) -> dict:
     return values
 
 
+TARGETS = ("target_macs", "target_latency")
+
+
+def refuse_ratio_with_target(given: dict) -> None:
+    """Refuse a ratio and a budget target given together (as flags or overrides; None: not given)."""
+    target = next((name for name in TARGETS if given.get(name) is not None), None)
+    if given.get("ratio") is not None and target:
+        raise BadInput(f"--ratio {given['ratio']} and --{target.replace('_', '-')} {given[target]} both given: a "
+                       f"ratio removes the same fraction from every group, a target chooses each group's width; "
+                       f"give one of them")
+
+
 def load_config(path: str | Path | None = None, **overrides) -> BuildConfig:
-    """Defaults <- YAML file <- overrides (None values are ignored)."""
+    """Defaults <- YAML file <- overrides (None values are ignored).
+
+    The overrides win over the file in what they choose: a ratio clears the file's budget target,
+    a target clears the file's other target and its group_ratios. A ratio and a target both given
+    as overrides are refused, naming both.
+    """
     values = read_yaml(path)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    refuse_ratio_with_target(given)
+    targets = [name for name in TARGETS if name in given]
+    if "ratio" in given or targets:  # what the file chose instead is dropped
+        for name in (TARGETS if "ratio" in given else [t for t in TARGETS if t not in targets] + ["group_ratios"]):
+            values.pop(name, None)
+    values.update(given)
     known = {f.name for f in dataclasses.fields(BuildConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

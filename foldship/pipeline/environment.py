@@ -1,15 +1,22 @@
 """Environment fingerprint recorded in every report: versions, hardware, threads; and the
-process-wide allocator setting a build runs under."""
+process-wide allocator setting a build runs under.
+
+PyTorch is described where it is loaded; the timing side (``foldship bench``) runs without it and
+describes the GPU through the CUDA driver instead.
+"""
 from __future__ import annotations
 
 import ctypes
 import os
 import platform
+import sys
 from importlib import metadata
 
-import torch
+from ..validators.artifacts import cuda_gpus, physical_cores
 
-PACKAGES = ("foldship", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "torch-pruning", "numpy")
+# onnxruntime-gpu provides the same module as onnxruntime: one of the two is installed.
+PACKAGES = ("foldship", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+            "torch-pruning", "numpy")
 
 
 # glibc mallopt parameters (malloc.h)
@@ -46,29 +53,41 @@ def _version(name: str) -> str | None:
 
 
 def cpu_name() -> str:
+    """The CPU model: x86 cpuinfo's "model name", else the board an ARM kernel names ("Model", the device tree)."""
+    found = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = (part.strip() for part in line.partition(":"))
+                found.setdefault(key, value)
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    try:
+        with open("/proc/device-tree/model") as f:
+            found.setdefault("device-tree", f.read().strip("\x00\n "))
+    except OSError:
+        pass
+    return next((found[k] for k in ("model name", "Model", "device-tree", "Hardware") if found.get(k)),
+                platform.processor() or platform.machine())
 
 
 def fingerprint() -> dict:
+    torch = sys.modules.get("torch")
     gpu = None
-    if torch.cuda.is_available():
+    if torch is not None and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         gpu = {"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
                "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+    elif torch is None and cuda_gpus():
+        gpu = {"name": cuda_gpus()[0]}
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": {name: _version(name) for name in PACKAGES},
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "physical_cores": physical_cores(),
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
         "malloc_keeps_freed_memory": _ALLOCATOR["keeps_freed_memory"],
         "gpu": gpu,
     }

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
-from ..validators.speed import Speedup, change_text
+from ..validators.speed import Speedup, change_text, recorded_speedup
 
 PLOT_DPI = 80
 
@@ -58,7 +58,7 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
             if c is None:
                 continue
             rows.append((f"{backend} {batch} p50 / p90 / p99", _percentiles(stats), _percentiles(c),
-                         _change(report, backend, batch)))
+                         change_text(recorded_speedup(report, backend, batch))))
             rows.append((f"{backend} {batch} throughput", f"{stats['throughput_per_s']:,.0f} /s",
                          f"{c['throughput_per_s']:,.0f} /s", _ratio(c["throughput_per_s"], stats["throughput_per_s"])))
         largest = max(batches, key=lambda k: int(k[5:]))
@@ -67,14 +67,6 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
             rows.append((f"{backend} {largest} peak memory", f"{base_peak:.1f} MB", f"{comp_peak:.1f} MB",
                          _ratio(comp_peak, base_peak)))
     return rows
-
-
-def _change(report: dict, backend: str, batch: str) -> str:
-    """The speed change at one backend and batch, in words (``1.38x faster (1.30-1.45)``)."""
-    interval = (report.get("speedup_interval") or {}).get(backend, {}).get(batch)
-    if interval is None:  # a report from before intervals: the point estimate alone
-        return change_text(Speedup(report["speedup"][backend][batch], None, None, 1, None))
-    return change_text(Speedup.from_dict(interval))
 
 
 def _percentiles(stats: dict) -> str:
@@ -95,8 +87,13 @@ def verdict(report: dict) -> str:
     failed = [g for g in gates["results"] if not g["passed"]]
     if not failed:
         return f"**Gates: PASSED** (all {len(gates['results'])})"
-    return "**Gates: FAILED: " + ", ".join(f"{g['name']} ({_fmt_value(g['value'])} {'>' if g['rule'] == '<=' else '<'} "
-                                           f"{g['limit']})" for g in failed) + "**"
+    return "**Gates: FAILED: " + ", ".join(f"{gate_label(g)} ({_fmt_value(g['value'])} "
+                                           f"{'>' if g['rule'] == '<=' else '<'} {g['limit']})" for g in failed) + "**"
+
+
+def gate_label(gate: dict) -> str:
+    """A gate's name, with the target machine and backend it judged when it judged one."""
+    return gate["name"] + (f" on {gate['target']} ({gate['backend']})" if gate.get("target") else "")
 
 
 def _fmt_value(value: float | None) -> str:
@@ -123,7 +120,8 @@ def run_title(report: dict) -> str:
     budget = (report.get("compression") or {}).get("budget")
     setting = (f"a {budget['goal']:.2f}x {'MAC' if budget['target'] == 'macs' else 'latency'} budget" if budget
                else f"ratio {report['ratio']}")
-    return f"{report['model']['name']} — {report['method']} at {setting}"
+    smoke = " (RANDOM WEIGHTS: smoke test, accuracy meaningless)" if report["model"].get("random_weights") else ""
+    return f"{report['model']['name']} — {report['method']} at {setting}{smoke}"
 
 
 def render_markdown(report: dict) -> str:
@@ -136,34 +134,116 @@ def render_markdown(report: dict) -> str:
     if speed:
         lines += [speed, ""]
     if report.get("residual_streams"):
-        lines += [f"Repair: {report['repair']}. Groups: {report['groups_policy']} "
+        lines += [f"Repair: {repair_line(report)}. Groups: {report['groups_policy']} "
                   f"({report['compression']['groups_compressed']} of {len(report['compression']['groups'])} "
                   f"compressed); residual streams {report['residual_streams']}; seed {report['seed']}.", ""]
     lines += ["![latency distributions](latency.png)", ""]
     lines += budget_lines((report.get("compression") or {}).get("budget"))
+    lines += target_lines(report)
+    lines += reconstruction_lines((report.get("compression") or {}).get("reconstruction"))
     if report["gates"]["results"]:
         lines += ["## Gates", "", "| gate | value | limit | result | measures |", "|---|---:|---:|---|---|"]
         for g in report["gates"]["results"]:
-            lines.append(f"| {g['name']} | {_fmt_value(g['value'])} | {g['rule']} {g['limit']} | "
+            lines.append(f"| {gate_label(g)} | {_fmt_value(g['value'])} | {g['rule']} {g['limit']} | "
                          f"{'pass' if g['passed'] else '**FAIL**'} | {g.get('measures', '')} |")
         lines.append("")
     lines += _artifact_lines(report) + _per_class_lines(report)
     for skipped in report.get("skipped_artifacts", []):
         lines += [f"Not validated: {skipped['name']} ({skipped['reason']}).", ""]
     protocol, env = report["latency_protocol"], report["environment"]
-    lines += ["## Protocol and environment", "",
-              f"- Data: {report['data']['path']} ({report['data']['images']} images).",
+    lines += ["## Protocol and environment", "", *_model_lines(report),
+              f"- Data: {report['data']['path']} ({report['data']['images']} images)." + calibration_note(report),
               f"- Latency: {protocol['warmup']} warm-up runs, then at least {protocol['min_runs']} runs and "
               f"{protocol['min_seconds']} s per measurement; {protocol['order']}; {protocol['threads']} threads; "
               f"ONNX Runtime optimization {protocol['onnxruntime']['optimization']}, spinning "
               f"{'on' if protocol['onnxruntime']['spinning'] else 'off'}; backends {', '.join(protocol['backends'])}.",
               f"- Environment: Python {env['python']}, torch {env['packages']['torch']}, onnxruntime "
-              f"{env['packages']['onnxruntime']}, {env['cpu']} ({env['cpu_count']} cores)"
+              f"{onnxruntime_version(env)}, {env['cpu']} ({env['cpu_count']} cores)"
               + (f", GPU {env['gpu']['name']}" if env.get("gpu") else "") + "."]
     if report.get("stages"):
         lines.append("- Build time per stage (wall / user CPU / system CPU, s): " + "; ".join(
             f"{t['stage']} {t['wall_s']:.1f} / {t['user_s']:.1f} / {t['sys_s']:.1f}" for t in report["stages"]) + ".")
     return "\n".join(lines + [""])
+
+
+def _model_lines(report: dict) -> list[str]:
+    """Where a build's model and its weights came from: registry name, the user's code, or a file."""
+    if "method" not in report:  # a validation of given files: the sources are listed elsewhere
+        return []
+    model = report["model"]
+    source = model.get("source") or {}
+    weights = (f"checkpoint {model['checkpoint']} (sha256 {model['checkpoint_sha256'][:12]})"
+               if model.get("checkpoint") else "random weights" if model.get("random_weights") else None)
+    kind = source.get("kind")
+    if kind == "python":
+        origin = (f"factory {source['factory']} of {source['module'] or source['file']} (your own code, "
+                  f"sha256 {(source['sha256'] or '?')[:12]}), model_args {source['model_args'] or '{}'}")
+    elif kind == "torch.export":
+        origin = f"exported program {source['file']} (sha256 {source['sha256'][:12]}), weights inside"
+    elif kind == "onnx":
+        check = source.get("conversion_check") or {}
+        origin = (f"ONNX file {source['file']} (sha256 {source['sha256'][:12]}, opset {source['opset']}), converted "
+                  f"by {source['converter']} at opset {source['converted_at_opset']}"
+                  + (f", matching ONNX Runtime to {check['max_abs_error']:.2g} on {check['images']} images"
+                     if check else "") + "; the baseline is this file as given")
+    elif kind:
+        origin = f"{source.get('class', model['name'])} (a module built in Python)"
+    else:
+        origin = model["name"]
+    return [f"- Model: {origin}" + (f"; {weights}" if weights else "") + "."]
+
+
+def onnxruntime_version(env: dict) -> str | None:
+    """The ONNX Runtime an environment fingerprint records (onnxruntime, or onnxruntime-gpu in its place)."""
+    packages = env["packages"]
+    return packages.get("onnxruntime") or (f"{packages['onnxruntime-gpu']} (gpu)" if packages.get("onnxruntime-gpu")
+                                           else None)
+
+
+def target_lines(report: dict) -> list[str]:
+    """Latency measured on target machines (foldship bench RUN_DIR, merged with validate --latency)."""
+    targets = report.get("targets")
+    if not targets:
+        return []
+    lines = ["## Latency on targets", "",
+             "Timed on each machine with `foldship bench` (the build's protocol: the models take turns block by "
+             "block) and merged from its JSON; the rows above are the build machine's.", "",
+             "| target | machine | backend | batch | baseline p50 / p99 ms | compressed p50 / p99 ms | speed |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for name, entry in targets.items():
+        machine = entry["machine"]
+        described = (f"{machine['cpu']}, {machine['physical_cores']} cores, {machine['platform']}, onnxruntime "
+                     f"{onnxruntime_version(machine)}")
+        for backend, sides in entry["latency"].items():
+            for key, base in sides["baseline"].items():
+                comp = sides["compressed"][key]
+                lines.append(f"| {name} | {described} | {backend} | {base['batch']} | {base['p50_ms']:.3f} / "
+                             f"{base['p99_ms']:.3f} | {comp['p50_ms']:.3f} / {comp['p99_ms']:.3f} | "
+                             f"{change_text(recorded_speedup(entry, backend, key))} |")
+    return lines + [""]
+
+
+def calibration_note(report: dict) -> str:
+    """How many calibration images were used, and how many near-copies of evaluation images were left out."""
+    calibration = report["data"].get("calibration")
+    if not calibration:
+        return ""
+    return (f" Calibration: {calibration['images']} of {calibration['path']}'s {calibration['read']} images, "
+            f"{calibration['dropped_near_copies']} dropped as near-copies of the evaluation images.")
+
+
+def repair_line(report: dict) -> str:
+    """The repair, and the compressed groups it does not apply to (e.g. Fold-AR where no BN follows)."""
+    compressed = [g for g in report["compression"]["groups"] if g.get("repair")]
+    skipped = [g for g in compressed if "not applicable" in g["repair"]]
+    if report["repair"] == "none" or not skipped:
+        return report["repair"]
+    # a note is "<steps applied>; <step> not applicable: <why>", or "not applicable: <why>" for one step
+    reasons = sorted({part.removeprefix("not applicable: ") for g in skipped for part in g["repair"].split("; ")
+                      if "not applicable" in part})
+    names = ", ".join(g["name"] for g in skipped[:6]) + (", ..." if len(skipped) > 6 else "")
+    return (f"{report['repair']} (applied to {len(compressed) - len(skipped)} of {len(compressed)} compressed "
+            f"groups; not applicable to {names}: {'; '.join(reasons)})")
 
 
 def budget_lines(budget: dict | None) -> list[str]:
@@ -183,6 +263,23 @@ def budget_lines(budget: dict | None) -> list[str]:
         first = "" if w["first_pass_kept"] is None else w["first_pass_kept"]
         sensitivity = "" if w["sensitivity"] is None else f"{w['sensitivity']:.3g}"
         lines.append(f"| {w['group']} | {w['kind']} | {w['width']} | {first} | {w['kept']} | {sensitivity} |")
+    return lines + [""]
+
+
+def reconstruction_lines(section: dict | None) -> list[str]:
+    """Layer-wise reconstruction: how many layers were re-solved, on what, and each one's error."""
+    if not section:
+        return []
+    lines = ["## Reconstruction", "",
+             f"{section['layers_reconstructed']} of {len(section['layers'])} layers re-solved on {section['images']} "
+             f"calibration images ({section['positions_per_image']} sampled positions per image and layer, ridge "
+             f"{section['ridge']:g}) in {section['seconds']:.1f} s. Error: {section['error']}.", "",
+             "| layer | kind | unknowns per output | positions | error before | error after | result |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in section["layers"]:
+        before, after = (f"{v:.4f}" if v is not None else "" for v in (r["error_before"], r["error_after"]))
+        lines.append(f"| {r['name']} | {r['kind']} | {r['unknowns']} | {r['positions']} | {before} | {after} | "
+                     f"{r['action']} |")
     return lines + [""]
 
 
@@ -273,7 +370,7 @@ def plot_latency(report: dict, latency_samples: dict, path: str | Path) -> None:
         if max(max(d) for d in data) > 10 * min(min(d) for d in data):
             ax.set_xscale("log")  # one slow outlier would otherwise squash every box
         speedup = report.get("speedup", {}).get(backend, {}).get(batch)
-        ax.set_title(f"{backend}, {batch}" + (f": {_change(report, backend, batch)}" if speedup else ""), fontsize=10)
+        ax.set_title(f"{backend}, {batch}" + (f": {change_text(recorded_speedup(report, backend, batch))}" if speedup else ""), fontsize=10)
         ax.set_xlabel("latency per run (ms); box: p25-p75, line: p50, red: p99", fontsize=8)
         ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(panels):]:

@@ -11,6 +11,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..compress.repairs import canonical_repair
 from ..compress.widths import check_ratio
 from ..errors import BadInput
 from ..models.registry import sha256_of
@@ -131,7 +132,8 @@ def load_sweep_config(path: str | Path | None = None, **overrides) -> SweepConfi
     base = load_config(None, **values, **{name: items[0] for name, items in grid.items() if name != "checkpoint"})
     checkpoints = _checkpoints(grid.get("checkpoint", [base.checkpoint]), base.model)
     return SweepConfig(base, checkpoints, grid.get("method", [base.method]),
-                       [check_ratio(r) for r in grid.get("ratio", [base.ratio])], grid.get("repair", [base.repair]),
+                       [check_ratio(r) for r in grid.get("ratio", [base.ratio])],
+                       [canonical_repair(r) for r in grid.get("repair", [base.repair])],
                        **sweep)
 
 

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..errors import BadInput
 from .artifacts import onnx_artifact, run_outputs, torch_artifact
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 BATCH = 250
 

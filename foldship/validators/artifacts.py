@@ -3,26 +3,42 @@
 An ``Artifact`` is one thing a build produced that maps images to logits: a PyTorch module, an
 ONNX file (FP32, FP16, ...) or a TensorRT engine. ``runner`` wraps it for one backend as a
 Polygraphy runner, so accuracy and agreement go through one inference path for every artifact.
+
+PyTorch and Polygraphy are imported where they are used: timing ONNX files (the edge install of
+``foldship bench``) needs only ONNX Runtime and NumPy.
 """
 from __future__ import annotations
 
-import copy
+import ctypes
+import importlib.util
 import os
-import time
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from polygraphy.backend.base import BaseRunner
-from torch import nn
 
 from ..errors import BadInput
 
-BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "torch-cpu", "torch-cuda", "tensorrt")
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "torch-cpu", "torch-cuda", "tensorrt")
+# ONNX Runtime backend -> (onnx_session device, execution provider).
+ORT_BACKENDS = {
+    "onnxruntime-cpu": ("cpu", "CPUExecutionProvider"),
+    "onnxruntime-cuda": ("cuda", "CUDAExecutionProvider"),
+    "onnxruntime-tensorrt": ("tensorrt", "TensorrtExecutionProvider"),
+}
+# Used only when asked for (--backend): every session compiles a TensorRT engine first, which takes
+# far longer than the measurement; --target tensorrt builds and times engines of its own.
+OPT_IN_BACKENDS = ("onnxruntime-tensorrt",)
+GPU_BACKENDS = ("onnxruntime-cuda", "onnxruntime-tensorrt", "torch-cuda", "tensorrt")
 FORMAT_BACKENDS = {
-    "onnx": ("onnxruntime-cpu", "onnxruntime-cuda"),
+    "onnx": ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt"),
     "pytorch": ("torch-cpu", "torch-cuda"),
     "tensorrt": ("tensorrt",),
 }
@@ -44,30 +60,79 @@ class OrtSettings:
 
 
 def available_backends() -> list[str]:
-    """Backends this machine can run now (ONNX Runtime CUDA needs onnxruntime-gpu, TensorRT its wheel)."""
-    import onnxruntime as ort
+    """Backends this machine can run now (ONNX Runtime CUDA and TensorRT need onnxruntime-gpu and a
+    GPU, PyTorch ones PyTorch, TensorRT engines its wheel)."""
+    found = onnx_backends()
+    if importlib.util.find_spec("torch") is not None:
+        import torch
 
-    found = ["onnxruntime-cpu", "torch-cpu"]
-    cuda = torch.cuda.is_available()
-    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        found.append("onnxruntime-cuda")
-    if cuda:
-        found.append("torch-cuda")
-        try:
-            import tensorrt  # noqa: F401
-            found.append("tensorrt")
-        except ImportError:
-            pass
+        found.append("torch-cpu")
+        if torch.cuda.is_available():
+            found.append("torch-cuda")
+            if importlib.util.find_spec("tensorrt") is not None:
+                found.append("tensorrt")
     return [b for b in BACKENDS if b in found]
 
 
+def onnx_backends() -> list[str]:
+    """The ONNX Runtime backends of this machine: its CPU, and the CUDA and TensorRT execution
+    providers where this build of ONNX Runtime has them and the CUDA driver shows a GPU."""
+    import onnxruntime as ort
+
+    providers = set(ort.get_available_providers())
+    gpu = bool(providers & {"CUDAExecutionProvider", "TensorrtExecutionProvider"}) and bool(cuda_gpus())
+    return [b for b, (device, provider) in ORT_BACKENDS.items() if provider in providers and (device == "cpu" or gpu)]
+
+
+def cuda_gpus() -> list[str]:
+    """Names of the GPUs the CUDA driver shows this process (none without a driver), asked through
+    the driver API rather than PyTorch, which the timing side may not have."""
+    try:
+        driver = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return []
+    count, names = ctypes.c_int(0), []
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return []
+    for ordinal in range(count.value):
+        device, name = ctypes.c_int(0), ctypes.create_string_buffer(256)
+        if driver.cuDeviceGet(ctypes.byref(device), ordinal) == 0 and driver.cuDeviceGetName(name, 256, device) == 0:
+            names.append(name.value.decode(errors="replace"))
+    return names
+
+
 def resolved_threads(threads: int = 0) -> int:
-    """The thread count used when ``threads`` is 0: every core PyTorch sees."""
-    return threads or max(torch.get_num_threads(), 1)
+    """The thread count used when ``threads`` is 0: PyTorch's intra-op default where PyTorch is
+    loaded (what the build timed with), else one per physical core of this machine."""
+    if threads:
+        return threads
+    torch = sys.modules.get("torch")
+    return max(torch.get_num_threads(), 1) if torch is not None else physical_cores()
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on: distinct (package, core) pairs in /proc/cpuinfo,
+    else the CPUs of its affinity mask (where cpuinfo names no cores, as on many ARM boards)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores, cpu, package = set(), None, "0"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "processor":
+                    cpu, package = int(value), "0"
+                elif key == "physical id":
+                    package = value
+                elif key == "core id" and cpu in allowed:
+                    cores.add((package, value))
+    except (OSError, ValueError):
+        pass
+    return len(cores) or max(len(allowed), 1)
 
 
 def onnx_session(path: str, threads: int = 0, settings: OrtSettings = OrtSettings(), device: str = "cpu"):
-    """An ONNX Runtime session with pinned intra-op threads, on the CPU or the first GPU."""
+    """An ONNX Runtime session with pinned intra-op threads, on the CPU or the first GPU (``device``
+    cuda: the CUDA execution provider; tensorrt: ONNX Runtime's TensorRT execution provider)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -76,13 +141,34 @@ def onnx_session(path: str, threads: int = 0, settings: OrtSettings = OrtSetting
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spinning else "0")
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_OPTIMIZATION[settings.optimization])
     options.log_severity_level = 3
-    # Operators CUDA lacks fall back to the CPU, as ONNX Runtime documents for GPU sessions.
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    # Operators a GPU provider lacks fall back to the next one, as ONNX Runtime documents.
+    providers = {"cpu": ["CPUExecutionProvider"],
+                 "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                 "tensorrt": [("TensorrtExecutionProvider", tensorrt_provider_options()), "CUDAExecutionProvider",
+                              "CPUExecutionProvider"]}[device]
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"ONNX Runtime cannot load {path}: {first}") from None
+    # A provider that fails to start (missing CUDA or TensorRT libraries) is dropped with only a log
+    # line; timing the fallback under the GPU backend's name would be a wrong number.
+    asked = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    if session.get_providers()[0] != asked:
+        raise BadInput(f"ONNX Runtime {ort.__version__} could not start its {asked} for {Path(path).name} "
+                       f"(providers started: {', '.join(session.get_providers())}); install the CUDA"
+                       f"{' and TensorRT' if device == 'tensorrt' else ''} libraries it was built for, or choose "
+                       f"another --backend")
+    return session
+
+
+def tensorrt_provider_options() -> dict[str, str]:
+    """ONNX Runtime TensorRT provider options: engines and timing cache kept between sessions in the
+    user cache (one engine per graph and input shape), so later sessions skip the engine build."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "foldship" / "ort-tensorrt"
+    cache.mkdir(parents=True, exist_ok=True)
+    return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache)}
 
 
 @dataclass
@@ -93,7 +179,7 @@ class Artifact:
     format: str  # "pytorch", "onnx" or "tensorrt"
     side: str
     path: str | None = None
-    module: nn.Module | None = field(default=None, repr=False)
+    module: "nn.Module | None" = field(default=None, repr=False)
     precision: str = "fp32"  # fp32, fp16, bf16 or int8: what the weights and arithmetic are stored in
 
     @property
@@ -107,7 +193,7 @@ class Artifact:
 
     def compute_precision(self, backend: str) -> str:
         """FP32 on a GPU runs convolutions and matmuls in TF32 by default (PyTorch, ORT CUDA, TensorRT)."""
-        if self.precision == "fp32" and backend in ("onnxruntime-cuda", "torch-cuda", "tensorrt"):
+        if self.precision == "fp32" and backend in GPU_BACKENDS:
             return "tf32"
         return self.precision
 
@@ -118,9 +204,11 @@ class Artifact:
         if self.format == "onnx":
             from polygraphy.backend.onnxrt import OnnxrtRunner
 
-            device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
+            device = ORT_BACKENDS[backend][0]
             return OnnxrtRunner(lambda: onnx_session(self.path, threads, settings, device), name=label)
         if self.format == "pytorch":
+            from .torch_runner import TorchRunner
+
             return TorchRunner(self.module, "cuda" if backend == "torch-cuda" else "cpu", input_shape, label, threads)
         from polygraphy.backend.trt import EngineFromPath, TrtRunner
 
@@ -150,7 +238,7 @@ def run_outputs(runner, images: torch.Tensor | np.ndarray, batch: int = 50) -> R
 
     from polygraphy.datatype import DataType
 
-    x = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    x = np.asarray(images)  # a CPU torch.Tensor converts without a copy
     try:
         with G_LOGGER.verbosity(G_LOGGER.CRITICAL), runner:
             name, (dtype, _) = next(iter(runner.get_input_metadata(use_numpy_dtypes=False).items()))
@@ -175,6 +263,8 @@ def onnx_artifact(name: str, path: str | Path, side: str | None = None) -> Artif
 
 
 def torch_artifact(name: str, module: nn.Module, side: str | None = None) -> Artifact:
+    import torch
+
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(next(module.parameters()).dtype, "fp32")
     return Artifact(name, "pytorch", side or name.split(".")[0], module=module.eval(), precision=precision)
 
@@ -219,40 +309,3 @@ def run_folder_artifacts(folder: str | Path) -> list[Artifact]:
         elif path.suffix in ENGINE_SUFFIXES:
             found.append(engine_artifact(f"{stem}{path.suffix}", path, side))
     return sorted(found, key=lambda a: (a.side != "baseline", a.name != a.side, a.name))
-
-
-class TorchRunner(BaseRunner):
-    """A Polygraphy runner for an ``nn.Module`` on CPU or CUDA.
-
-    Polygraphy's own ``PytRunner`` always moves inputs to CUDA and iterates the output as a tuple,
-    so a CPU model, or one returning a single logits tensor, does not fit it.
-    """
-
-    def __init__(self, module: nn.Module, device: str, input_shape: tuple[int, ...], name: str, threads: int = 0):
-        super().__init__(name=name, prefix="torch-runner")
-        self._module, self.device, self.input_shape, self.threads = module, device, tuple(input_shape), threads
-
-    def activate_impl(self):
-        self.previous_threads = torch.get_num_threads()
-        torch.set_num_threads(resolved_threads(self.threads))
-        # A module elsewhere is copied over: the caller's module stays where it is.
-        on_device = next(self._module.parameters()).device.type == torch.device(self.device).type
-        self.module = (self._module if on_device else copy.deepcopy(self._module).to(self.device)).eval()
-        self.dtype = next(self.module.parameters()).dtype
-
-    def get_input_metadata_impl(self):
-        from polygraphy.common import TensorMetadata
-
-        return TensorMetadata().add("input", dtype=np.float32, shape=(-1, *self.input_shape))
-
-    def infer_impl(self, feed_dict):
-        x = torch.from_numpy(np.ascontiguousarray(next(iter(feed_dict.values()))))
-        start = time.perf_counter()
-        with torch.inference_mode():
-            logits = self.module(x.to(self.device, self.dtype)).float().cpu().numpy()
-        self.inference_time = time.perf_counter() - start  # Comparator.run sums it
-        return OrderedDict(logits=logits)
-
-    def deactivate_impl(self):
-        torch.set_num_threads(self.previous_threads)
-        del self.module

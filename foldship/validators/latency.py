@@ -9,9 +9,9 @@ speedup comes with the spread of its per-block ratios (``foldship.validators.spe
 all time through it. Threads are fixed and recorded. Each measurement keeps its raw samples (for
 the latency plot) and the peak memory its model added while loading and running its first block.
 
-Backends: ONNX Runtime CPU and CUDA (I/O bound on the GPU), PyTorch CPU and CUDA (CUDA events,
-optionally one CUDA graph replayed per run), TensorRT engines (through Polygraphy's TrtRunner,
-inputs and outputs on the GPU).
+Backends: ONNX Runtime CPU, CUDA and TensorRT execution providers (I/O bound on the GPU), PyTorch
+CPU and CUDA (CUDA events, optionally one CUDA graph replayed per run), TensorRT engines (through
+Polygraphy's TrtRunner, inputs and outputs on the GPU). PyTorch is imported only by its backends.
 """
 from __future__ import annotations
 
@@ -22,13 +22,15 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
-from .artifacts import Artifact, OrtSettings, onnx_session, resolved_threads
+from .artifacts import ORT_BACKENDS, Artifact, OrtSettings, onnx_session, resolved_threads
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -220,7 +222,7 @@ def time_artifact(artifact: Artifact, backend: str, input_shape: tuple[int, ...]
 def _timed_model(artifact: Artifact, backend: str, input_shape: tuple[int, ...], batch: int,
                  protocol: LatencyProtocol, ort: OrtSettings) -> TimedModel:
     threads = protocol.resolved_threads()
-    if backend in ("onnxruntime-cpu", "onnxruntime-cuda"):
+    if backend in ORT_BACKENDS:
         return TimedModel(artifact.name, lambda stack: _onnx_runner(artifact.path, backend, input_shape, batch,
                                                                     threads, ort))
     if backend == "torch-cpu":
@@ -236,6 +238,8 @@ def _timed_model(artifact: Artifact, backend: str, input_shape: tuple[int, ...],
 def _torch_cpu_runner(module: nn.Module, input_shape, batch: int, threads: int,
                       stack: contextlib.ExitStack) -> Callable[[], None]:
     """PyTorch on the CPU with ``threads`` intra-op threads, restored when the timing ends."""
+    import torch
+
     stack.callback(torch.set_num_threads, torch.get_num_threads())
     torch.set_num_threads(threads)
     model, x = module.eval().cpu(), torch.from_numpy(example_batch(input_shape, batch))
@@ -247,7 +251,7 @@ def _torch_cpu_runner(module: nn.Module, input_shape, batch: int, threads: int,
 
 
 def _onnx_runner(path: str, backend: str, input_shape, batch: int, threads: int, ort_settings: OrtSettings):
-    session = onnx_session(path, threads, ort_settings, "cuda" if backend == "onnxruntime-cuda" else "cpu")
+    session = onnx_session(path, threads, ort_settings, ORT_BACKENDS[backend][0])
     name = session.get_inputs()[0].name
     x = example_batch(input_shape, batch)
     if backend == "onnxruntime-cpu":
@@ -272,6 +276,8 @@ def _onnx_runner(path: str, backend: str, input_shape, batch: int, threads: int,
 def _torch_cuda_model(artifact: Artifact, input_shape, batch: int, protocol: LatencyProtocol) -> TimedModel:
     """CUDA events around each forward pass (or graph replay); the GPU peak from PyTorch's allocator,
     from loading through the first block."""
+    import torch
+
     device = torch.device("cuda")
     base: dict[str, int] = {}
 
@@ -304,6 +310,8 @@ def _torch_cuda_model(artifact: Artifact, input_shape, batch: int, protocol: Lat
 
 def _cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """Capture one forward pass (after warming up on a side stream, as PyTorch documents) for replay."""
+    import torch
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -318,6 +326,7 @@ def _cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 def _tensorrt_runner(artifact: Artifact, input_shape, batch: int, stack: contextlib.ExitStack) -> Callable[[], None]:
     """Polygraphy's TrtRunner with inputs and outputs on the GPU; host clock around a synchronized run."""
+    import torch
     from polygraphy.backend.trt import EngineFromPath, TrtRunner
 
     x = torch.from_numpy(example_batch(input_shape, batch)).cuda()

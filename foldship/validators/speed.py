@@ -96,6 +96,30 @@ def speed_sentence(speedup: Speedup, batch: int, mac_ratio: float | None) -> str
     return f"{line}: none of the possible {1 / mac_ratio:.2f}x shows up"
 
 
+def measured_speedups(baseline: dict, compressed: dict) -> dict[str, dict[str, Speedup]]:
+    """Per backend and batch, the speedup of two sides' latency entries (``{backend: {"batch<N>":
+    stats}}``, stats holding ``block_p50_ms`` in the order timed), where both sides were timed."""
+    return {backend: {key: Speedup.from_blocks(stats["block_p50_ms"], compressed[backend][key]["block_p50_ms"])
+                      for key, stats in batches.items() if key in compressed.get(backend, {})}
+            for backend, batches in baseline.items()}
+
+
+def speedup_entries(speedups: dict[str, dict[str, Speedup]]) -> dict:
+    """The ``speedup`` (value per backend and batch) and ``speedup_interval`` entries of a report or
+    bench file."""
+    return {"speedup": {b: {k: round(v.value, 4) for k, v in batches.items()} for b, batches in speedups.items()},
+            "speedup_interval": {b: {k: v.as_dict() for k, v in batches.items()} for b, batches in speedups.items()}}
+
+
+def recorded_speedup(entry: dict, backend: str, batch: str) -> Speedup:
+    """The speedup a report or bench entry records at one backend and batch (``speedup_interval``,
+    or the ``speedup`` value alone where an entry has no interval)."""
+    interval = (entry.get("speedup_interval") or {}).get(backend, {}).get(batch)
+    if interval is None:
+        return Speedup(entry["speedup"][backend][batch], None, None, 1, None)
+    return Speedup.from_dict(interval)
+
+
 def speed_summary(speedup: Speedup, backend: str, batch: int, mac_ratio: float | None) -> dict:
     """The report's ``speed`` entry: the headline comparison with everything behind its sentence."""
     share = realised_share(speedup.value, mac_ratio)

@@ -9,20 +9,29 @@ same outputs), then latency, the artifacts of each backend taking turns block by
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import BadInput
 from .accuracy import Predictions, classification_scores
 from .agreement import Tolerance, compare
-from .artifacts import (BACKENDS, ORT_OPTIMIZATION, Artifact, OrtSettings, RunOutputs, available_backends,
-                        run_outputs)
+from .artifacts import (BACKENDS, OPT_IN_BACKENDS, ORT_OPTIMIZATION, Artifact, OrtSettings, RunOutputs,
+                        available_backends, run_outputs)
 from .gates import evaluate_gates, summary
 from .latency import LatencyProtocol, LatencyStats, time_artifacts
-from .speed import Speedup, speed_summary
+from .speed import measured_speedups, speed_summary, speedup_entries
+
+if TYPE_CHECKING:
+    import torch
 
 PRIMARY = "onnxruntime-cpu"  # what ships and what the gates judge
 SIDES = ("baseline", "compressed")
+# How latency is taken and compared (report.json's latency_protocol; bench files say the same).
+INTERLEAVED_ORDER = ("per backend and batch, the models take turns block by block (trials blocks each, the order "
+                     "rotating every round: A B, B A, ...); min_runs and min_seconds are per model, split over its "
+                     "blocks; samples pool, each block keeps its p50")
+SPEEDUP_RULE = ("median over rounds of baseline block p50 / compressed block p50; interval: smallest and largest "
+                "per-round ratio (3+ rounds); an interval holding 1.0 is no measurable difference; min_speedup "
+                "judges the interval's lower end")
 
 
 @dataclass
@@ -63,10 +72,12 @@ class Validation:
     samples: dict  # raw latency samples in ms: {artifact: {backend: {"batch<N>": [...]}}}
 
 
-def select_backends(wanted: list[str] | None) -> list[str]:
-    available = available_backends()
+def select_backends(wanted: list[str] | None, available: list[str] | None = None) -> list[str]:
+    """``wanted``, each checked against ``available`` (default: this machine's backends); None: all
+    available ones except those used only when asked for (OPT_IN_BACKENDS)."""
+    available = available_backends() if available is None else available
     if wanted is None:
-        return available
+        return [b for b in available if b not in OPT_IN_BACKENDS]
     missing = [b for b in wanted if b not in available]
     if missing:
         raise BadInput(f"backend(s) {', '.join(missing)} not available on this machine (available: "
@@ -118,9 +129,7 @@ def validate(artifacts: list[Artifact], images: torch.Tensor, labels: torch.Tens
     sides = {side: _side(side, artifacts, entries, labels, num_classes, outputs) for side in SIDES}
     agreement = compare(outputs[main["compressed"].name, PRIMARY], outputs[main["baseline"].name, PRIMARY],
                         Tolerance.for_precisions(main["compressed"].precision, main["baseline"].precision))
-    speedups = {b: {k: Speedup.from_blocks(base["block_p50_ms"], sides["compressed"]["latency"][b][k]["block_p50_ms"])
-                    for k, base in batches.items() if k in sides["compressed"]["latency"].get(b, {})}
-                for b, batches in sides["baseline"]["latency"].items()}
+    speedups = measured_speedups(sides["baseline"]["latency"], sides["compressed"]["latency"])
     largest, smallest = f"batch{max(settings.batches)}", f"batch{min(settings.batches)}"
     mac_ratio = macs["compressed"] / macs["baseline"] if macs and macs.get("baseline") else None
     primary_speedup = speedups.get(PRIMARY, {}).get(largest)
@@ -140,19 +149,14 @@ def validate(artifacts: list[Artifact], images: torch.Tensor, labels: torch.Tens
         "agreement": agreement.as_dict(),
         "onnx_parity": _onnx_parity(entries),
         "mac_ratio": mac_ratio,
-        "speedup": {b: {k: round(v.value, 4) for k, v in batches.items()} for b, batches in speedups.items()},
-        "speedup_interval": {b: {k: v.as_dict() for k, v in batches.items()} for b, batches in speedups.items()},
+        **speedup_entries(speedups),
         "speed": speed_summary(primary_speedup, PRIMARY, max(settings.batches), mac_ratio) if primary_speedup else None,
         "latency_protocol": asdict(settings.protocol) | {
             "threads": settings.protocol.resolved_threads(), "batches": list(settings.batches),
             "backends": [b for b in backends if any(b in a.backends(backends) for a in artifacts)],
             "onnxruntime": asdict(settings.ort),
-            "order": "per backend and batch, the models take turns block by block (trials blocks each, the "
-                     "order rotating every round: A B, B A, ...); min_runs and min_seconds are per model, "
-                     "split over its blocks; samples pool, each block keeps its p50",
-            "speedup": "median over rounds of baseline block p50 / compressed block p50; interval: smallest "
-                       "and largest per-round ratio (3+ rounds); an interval holding 1.0 is no measurable "
-                       "difference; min_speedup judges the interval's lower end",
+            "order": INTERLEAVED_ORDER,
+            "speedup": SPEEDUP_RULE,
             "peak_memory": "host resident memory added while loading and running a model's first block "
                            "(Linux VmHWM)",
         },
