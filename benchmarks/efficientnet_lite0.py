@@ -7,15 +7,15 @@ per-group widths for ``--target-macs`` from a label-free sensitivity survey on s
 the evaluation images; planning time is reported apart from compression time), compressing with the
 variant's repair as a build does; "budgeted-plain" applies fold-ar to the plan surveyed without it,
 to show what planning with the repair adds. "Uniform" is the
-paper's single ratio over every group, each width rounded to the nearest multiple of 8 (the
-alignment the budget uses, so both are fast), the ratio chosen so its MACs match the budgeted
+paper's single ratio over every group, each width rounded to the nearest multiple of the
+budget's alignment (``round_to``, default auto: this CPU's ONNX Runtime block, so both are fast), the ratio chosen so its MACs match the budgeted
 fold's as closely as the rounding allows. Latency is measured under two protocols (PROTOCOLS:
 one thread on its CPU clock, all cores on the wall clock), run by run over all models for
 ``--rounds`` rounds, the order rotating each round, so drift on a shared machine hits every
-model alike (``time_interleaved``). Prints a markdown table and writes
+model alike (``time_artifacts`` with one run per block). Prints a markdown table and writes
 benchmarks/results/efficientnet_lite0.json.
 
-    .venv/bin/python benchmarks/efficientnet_lite0.py [--target-macs 0.80] [--rounds 60]
+    .venv/bin/python benchmarks/efficientnet_lite0.py [--target-macs 0.80] [--rounds 60] [--round-to auto]
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ from foldship.pipeline.build import load_from_config
 from foldship.pipeline.config import SHARED_DATA, load_config
 from foldship.validators import count_macs
 from foldship.validators.artifacts import onnx_artifact, run_outputs, torch_artifact
-from foldship.validators.latency import LatencyProtocol, time_interleaved
+from foldship.pipeline.environment import keep_freed_memory
+from foldship.validators.latency import LatencyProtocol, time_artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "efficientnet_lite0_imagenet.yaml"
@@ -47,7 +48,7 @@ BATCHES = (1, 16)
 # The steady protocol first: one ONNX Runtime thread timed by its own CPU clock ignores time lost to
 # other processes, which on a shared 2-core VM moves batch-16 wall time by more than 15 %. The
 # all-cores wall-clock numbers are what a dedicated server sees, with this VM's noise.
-PROTOCOLS = {"1-thread-cpu": LatencyProtocol(warmup=5, threads=1, clock="cpu"), "all-cores-wall": LatencyProtocol(warmup=5)}
+PROTOCOLS = {"1-thread-cpu": dict(threads=1, clock="cpu"), "all-cores-wall": {}}  # each: one run per block, --rounds blocks
 VARIANTS = [("fold", "uniform", "none"), ("fold", "uniform", "fold-ar"), ("fold", "budgeted", "none"),
             ("fold", "budgeted", "fold-ar"), ("fold", "budgeted-plain", "fold-ar"), ("prune-l2", "uniform", "none"),
             ("prune-l2", "budgeted", "none")]
@@ -86,8 +87,11 @@ def main() -> None:
     parser.add_argument("--target-macs", type=float, default=None, help="default: the example config's target_macs")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N images (smoke runs)")
     parser.add_argument("--rounds", type=int, default=60, help="latency rounds (every model runs once a round)")
+    parser.add_argument("--round-to", default="auto", help="the budget's channel multiple: auto or a number")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "efficientnet_lite0.json")
     args = parser.parse_args()
+    round_to = int(args.round_to) if args.round_to.isdigit() else args.round_to
+    keep_freed_memory()  # as the CLI does
 
     config = load_config(CONFIG, data=str(SHARED_DATA / "imagenet_sample"))
     target_macs = config.target_macs if args.target_macs is None else args.target_macs
@@ -112,7 +116,8 @@ def main() -> None:
             key = (method, repair)
             if key not in plans:  # one survey per method and repair, as the build plans it
                 start = time.perf_counter()
-                plans[key] = plan_budget(loaded.model, example, method, target_macs=target_macs, repair=repair)
+                plans[key] = plan_budget(loaded.model, example, method, target_macs=target_macs, round_to=round_to,
+                                         repair=repair)
                 plan_seconds[key] = round(time.perf_counter() - start, 1)
                 print(f"{method} ({repair}) plan: {plans[key].mac_fraction:.3f}x MACs in {plan_seconds[key]} s", flush=True)
             return plans[key]
@@ -147,13 +152,16 @@ def main() -> None:
         names = ["baseline"] + [v["name"] for v in results["variants"]]
         artifacts = [onnx_artifact(n, folder / f"{n}.onnx") for n in names]
         p50 = {p: {n: {} for n in names} for p in PROTOCOLS}
-        for key, protocol in PROTOCOLS.items():
+        for key, settings in PROTOCOLS.items():
+            protocol = LatencyProtocol(warmup=5, min_runs=args.rounds, min_seconds=0, trials=args.rounds, **settings)
             for batch in BATCHES:
-                timed = time_interleaved(artifacts, loaded.input_shape, batch, protocol, args.rounds)
+                timed = time_artifacts(artifacts, "onnxruntime-cpu", loaded.input_shape, batch, protocol)
                 for n in names:
                     p50[key][n][batch] = timed[n].p50_ms
     results["latency_rounds"] = args.rounds
-    results["latency_protocols"] = {key: asdict(protocol) for key, protocol in PROTOCOLS.items()}
+    results["latency_protocols"] = {key: asdict(LatencyProtocol(warmup=5, min_runs=args.rounds, min_seconds=0,
+                                                                trials=args.rounds, **settings))
+                                    for key, settings in PROTOCOLS.items()}
     results["baseline"]["p50_ms"] = {p: p50[p]["baseline"] for p in PROTOCOLS}
     for v in results["variants"]:
         v["p50_ms"] = {p: p50[p][v["name"]] for p in PROTOCOLS}

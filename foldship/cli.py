@@ -50,8 +50,9 @@ REPAIR_HELP = ("none (default); or steps joined by '+', in this order: fold-ar (
                "E.g. reconstruct+bn-recalibrate.")
 CALIBRATION_HELP = ("Unlabelled images for reconstruct, bn-recalibrate and --finetune distill (.npz or image "
                     "folder); near-copies of evaluation images are dropped.")
-ROUND_TO_HELP = ("Kept widths a multiple of this (8 suits CPU/GPU kernels); default 1, or 8 with "
-                 "--target-macs/--target-latency.")
+ROUND_TO_HELP = ("Kept widths a multiple of this, or auto: the kernel block of the target (ONNX Runtime CPU: 16 on "
+                 "AVX-512, 8 on AVX2/ARM; TensorRT: 8). Default: auto with --target-macs/--target-latency, "
+                 "--target tensorrt or a GPU backend, else 1 (raw widths).")
 FINETUNE_HELP = {  # shared by build and sweep (docs/recovery.md)
     "finetune": "Recovery after compression: none (default) or distill (train the compressed model to match the "
                 "uncompressed model's outputs on --calibration-data; no labels are read).",
@@ -82,7 +83,10 @@ def _terminate(signum, frame):
 
 def _run(fn) -> None:
     """Run a command body, turning foldship errors into one line and an exit code."""
+    from .pipeline.environment import keep_freed_memory
+
     signal.signal(signal.SIGTERM, _terminate)
+    keep_freed_memory()  # forward passes reuse freed activations instead of page-faulting them in again
     try:
         fn()
     except FoldshipError as exc:
@@ -132,7 +136,7 @@ def build(
     finetune_lr: Optional[float] = typer.Option(None, help=FINETUNE_HELP["lr"]),
     finetune_batch: Optional[int] = typer.Option(None, help=FINETUNE_HELP["batch"]),
     finetune_images: Optional[int] = typer.Option(None, help=FINETUNE_HELP["images"]),
-    round_to: Optional[int] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
+    round_to: Optional[str] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
     checkpoint_map: Optional[str] = typer.Option(None, help=CHECKPOINT_MAP_HELP),
@@ -175,7 +179,7 @@ def build(
         cfg = load_config(config, model=model, checkpoint=checkpoint, method=method, ratio=ratio, groups=groups,
                           repair=repair, calibration_data=calibration_data, finetune=finetune,
                           finetune_epochs=finetune_epochs, finetune_minutes=finetune_minutes, finetune_lr=finetune_lr,
-                          finetune_batch=finetune_batch, finetune_images=finetune_images, round_to=round_to,
+                          finetune_batch=finetune_batch, finetune_images=finetune_images, round_to=_round_to(round_to),
                           target_macs=target_macs, target_latency=target_latency, checkpoint_map=checkpoint_map,
                           preprocess=preprocess, data=data, limit=limit, out=out, seed=seed, device=device,
                           threads=threads,
@@ -291,7 +295,8 @@ def validate(
     out: str = typer.Option("runs/validate", "--out", "-o", help="Folder to write (default runs/validate)."),
     batch: Optional[int] = typer.Option(None, help="The larger batch size timed besides batch 1 (default 64)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for ONNX Runtime and PyTorch (0: all cores)."),
-    trials: Optional[int] = typer.Option(None, help="Blocks per model, alternating models (A B A B); samples pool."),
+    trials: Optional[int] = typer.Option(None, help="Blocks per model, the models taking turns (A B, B A, ...; default "
+                                                    "6); 3 or more give the speedup an interval."),
     min_seconds: Optional[float] = typer.Option(None, help="Minimum time per latency measurement (default 1 s)."),
     backend: Optional[list[str]] = typer.Option(None, help="Backend(s) to use (default: every one available)."),
     max_accuracy_drop: Optional[float] = GATE_OPTIONS["max_accuracy_drop"],
@@ -365,9 +370,9 @@ def bench(
     batch: Optional[int] = typer.Option(None, help="The larger batch size timed besides batch 1 (default 64; run "
                                                    "folder: the batches it was validated with)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for ONNX Runtime (0: all cores)."),
-    trials: Optional[int] = typer.Option(None, help="Blocks per backend; samples pool (run folder: blocks per model "
-                                                    "on GPU providers, default 3; on the CPU the models alternate "
-                                                    "run by run)."),
+    trials: Optional[int] = typer.Option(None, help="Blocks per model, backend and batch (default 6), the models "
+                                                    "taking turns block by block; samples pool, each block keeps "
+                                                    "its p50."),
     min_seconds: Optional[float] = typer.Option(None, help="Minimum time per measurement (default 1 s)."),
     backend: Optional[list[str]] = typer.Option(None, help="Backend(s) to use (default: every one that can run it; "
                                                            "onnxruntime-tensorrt only when named)."),
@@ -382,7 +387,7 @@ def bench(
     """Time one artifact with the latency protocol: p50/p90/p99, throughput and peak memory per backend and batch.
 
     On a run folder: time its baseline and compressed ONNX files against each other on this machine (the
-    target), alternating run by run, and describe the machine; `foldship validate RUN_DIR --latency FILE`
+    target), taking turns block by block as the build does, and describe the machine; `foldship validate RUN_DIR --latency FILE`
     merges the --json file into the run's report. This needs only onnxruntime, numpy and the CLI's own
     packages, no PyTorch (docs/edge.md).
     """
@@ -480,7 +485,7 @@ def compress(
     data: Optional[str] = typer.Option(None, help="The evaluation images the model will be judged on, kept out of "
                                                   "the calibration images (default: build's default data, the "
                                                   "1,000 CIFAR-10 test images); read only with --calibration-data."),
-    round_to: Optional[int] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
+    round_to: Optional[str] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
     checkpoint_map: Optional[str] = typer.Option(None, help=CHECKPOINT_MAP_HELP),
@@ -499,6 +504,7 @@ def compress(
 
         from .compress import compress_model
         from .compress.budget import plan_budget
+        from .compress.widths import width_rule
         from .data import calibration_images, load_images
         from .models import load_model
         from .pipeline.config import BuildConfig, refuse_ratio_with_target
@@ -516,12 +522,14 @@ def compress(
                 chosen = calibration_images(calibration_data, loaded.preprocessing, evaluation)
             calibration = None if chosen is None else chosen.x
             example = loaded.example_inputs(2)
-            budget = plan_budget(loaded.model, example, method, target_macs, target_latency, round_to, groups,
+            widths = width_rule(_round_to(round_to), budget=target_macs is not None or target_latency is not None)
+            budget = plan_budget(loaded.model, example, method, target_macs, target_latency, widths.round_to, groups,
                                  calibration=calibration, seed=seed, repair=repair)
             result = compress_model(loaded.model, example, method, uniform, seed, groups,
-                                    budget.group_ratios() if budget else None, round_to=budget.align if budget else 1 if round_to is None else round_to,
+                                    budget.group_ratios() if budget else None, round_to=widths.round_to,
                                     repair=repair, calibration=calibration, device=device)
             summary = result.summary() | {"budget": budget.summary() if budget else None,
+                                          "width_rule": widths.as_dict(),
                                           "calibration": None if chosen is None else chosen.summary()}
             save_compressed(result.model.cpu(), loaded, folder.path(SPEC_NAME), summary)
             folder.path("compression.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -579,14 +587,15 @@ def _print_summary(report: dict, folder: str) -> None:
     for row in summary_rows(report):
         table.add_row(*row)
     out.print(table)
-    fraction = report["speedup_vs_mac_ratio"]
-    out.print(f"top-1 agreement {100 * report['agreement']['top1_agreement']:.1f}%, speedup / MAC reduction "
-                      f"{'n/a' if fraction is None else f'{fraction:.2f}'}"
-                      + (f"; residual streams {report['residual_streams']}" if "residual_streams" in report else ""))
+    out.print(f"top-1 agreement {100 * report['agreement']['top1_agreement']:.1f}%"
+              + (f"; residual streams {report['residual_streams']}" if "residual_streams" in report else ""))
+    speed = report.get("speed")
+    if speed:  # the last line: what the compression bought on the shipped runtime, a slowdown named as one
+        out.print(f"speed on ONNX Runtime CPU: {speed['sentence']}", highlight=False, soft_wrap=True)
 
 
 def _print_bench_run(result: dict, json_out: Path | None) -> None:
-    from .pipeline.report import speed_phrase
+    from .validators.speed import change_text, recorded_speedup
 
     machine = result["machine"]
     table = Table(title=f"{result['run']['title']} on {result['target']} ({machine['cpu']}, "
@@ -598,12 +607,13 @@ def _print_bench_run(result: dict, json_out: Path | None) -> None:
             comp = sides["compressed"][key]
             table.add_row(backend, str(base["batch"]), str(base["runs"]), f"{base['p50_ms']:.3f}",
                           f"{comp['p50_ms']:.3f}", f"{comp['p99_ms']:.3f}",
-                          speed_phrase(result["speedup"][backend][key]))
+                          change_text(recorded_speedup(result, backend, key)))
     out.print(table)
 
 
 def _print_targets(report: dict, folder: str) -> None:
-    from .pipeline.report import run_title, speed_phrase
+    from .pipeline.report import run_title
+    from .validators.speed import change_text, recorded_speedup
 
     table = Table(title=f"{run_title(report)}: latency on targets -> {folder}")
     for column in ("target", "backend", "batch", "baseline p50 ms", "compressed p50 ms", "speed"):
@@ -612,7 +622,8 @@ def _print_targets(report: dict, folder: str) -> None:
         for backend, sides in entry["latency"].items():
             for key, base in sides["baseline"].items():
                 table.add_row(target, backend, str(base["batch"]), f"{base['p50_ms']:.3f}",
-                              f"{sides['compressed'][key]['p50_ms']:.3f}", speed_phrase(entry["speedup"][backend][key]))
+                              f"{sides['compressed'][key]['p50_ms']:.3f}",
+                              change_text(recorded_speedup(entry, backend, key)))
     out.print(table)
 
 
@@ -632,6 +643,11 @@ def _exit_on_failed_gates(report: dict, folder: str) -> None:
     if failed:
         err.print(f"[bold red]gate failed:[/] {', '.join(failed)} (report in {folder})")
         raise typer.Exit(3)
+
+
+def _round_to(text: str | None) -> int | str | None:
+    """--round-to: a whole number, or auto (anything else is left for check_round_to to refuse)."""
+    return int(text) if text is not None and text.lstrip("-").isdigit() else text
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:

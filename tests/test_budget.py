@@ -8,7 +8,7 @@ from torch import nn
 from foldship.compress import compress_model
 from foldship.compress import channel_groups
 from foldship.compress.budget import PROBE_RESTARTS, check_targets, output_damage, plan_budget, probe_inputs
-from foldship.compress.widths import ratio_for_width
+from foldship.compress.widths import ratio_for_width, width_rule
 from foldship.errors import BadInput
 from foldship.models import load_model
 from foldship.validators.complexity import count_macs
@@ -67,7 +67,7 @@ def dead_half():
 @pytest.mark.parametrize("method", ["fold", "prune-l2"])
 def test_measured_sensitivity_finds_the_redundant_group_and_the_plan_cuts_it_first(dead_half, method):
     model, example = dead_half
-    plan = plan_budget(model, example, method, target_macs=0.8)
+    plan = plan_budget(model, example, method, target_macs=0.8, round_to=8)
     groups = {g.name: g for g in plan.groups}
     assert set(groups) == {"stem", "hidden", "mixed"}
     assert [w for w, _ in groups["hidden"].damage] == [24, 16, 8]  # 3/4, 1/2, 1/4, aligned to 8
@@ -86,7 +86,7 @@ def test_measured_sensitivity_finds_the_redundant_group_and_the_plan_cuts_it_fir
     with torch.no_grad():
         assert float((result.model(probe) - model(probe)).abs().max()) < 1e-4
     # A deeper cut has to spend damage, and the plan stays aligned and under the target.
-    deep = plan_budget(model, example, method, target_macs=0.4)
+    deep = plan_budget(model, example, method, target_macs=0.4, round_to=8)
     assert deep.mac_fraction <= 0.4 and all(g.width % 8 == 0 for g in deep.groups)
     assert deep.predicted_damage > 1e-4
     summary = deep.summary()
@@ -94,12 +94,12 @@ def test_measured_sensitivity_finds_the_redundant_group_and_the_plan_cuts_it_fir
     assert all(w["damage_alone"] for w in summary["widths"])
 
 
-def test_widths_align_to_8_unless_round_to_is_given(dead_half):
-    # An explicit round_to, 1 included, is honoured; only an absent one becomes 8 on this path.
+def test_widths_align_to_round_to_and_the_default_is_the_width_rules(dead_half):
+    # An explicit round_to, 1 included, is honoured; an absent one is what width_rule picks for a budget.
     model, example = dead_half
-    default, raw = (plan_budget(model, example, "prune-l2", target_macs=0.7, round_to=r) for r in (None, 1))
-    assert (default.align, raw.align) == (8, 1)
-    assert all(g.width % 8 == 0 for g in default.groups)
+    default, eight, raw = (plan_budget(model, example, "prune-l2", target_macs=0.7, round_to=r) for r in (None, 8, 1))
+    assert (default.align, eight.align, raw.align) == (width_rule(None, budget=True).round_to, 8, 1)
+    assert all(g.width % 8 == 0 for g in eight.groups)
     assert any(g.width % 8 for g in raw.groups) and raw.mac_fraction <= 0.7
     with pytest.raises(BadInput, match="round_to must be a whole number >= 1, got 0"):
         plan_budget(model, example, "prune-l2", target_macs=0.7, round_to=0)
@@ -109,10 +109,10 @@ def test_widths_align_to_8_unless_round_to_is_given(dead_half):
 
 def test_plan_is_deterministic_and_calibration_images_replace_the_noise(dead_half):
     model, example = dead_half
-    first = plan_budget(model, example, "fold", target_macs=0.4)
-    assert plan_budget(model, example, "fold", target_macs=0.4).summary() == first.summary()
+    first = plan_budget(model, example, "fold", target_macs=0.4, round_to=8)
+    assert plan_budget(model, example, "fold", target_macs=0.4, round_to=8).summary() == first.summary()
     images = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    calibrated = plan_budget(model, example, "fold", target_macs=0.4, calibration=images)
+    calibrated = plan_budget(model, example, "fold", target_macs=0.4, round_to=8, calibration=images)
     assert calibrated.probe == "calibration images (32)" and first.probe.startswith("smooth noise")
     assert calibrated.summary()["widths"][0]["damage_alone"] != first.summary()["widths"][0]["damage_alone"]
     # The noise is smooth (neighbouring pixels correlated), in [-1, 1], and reproducible from its seed.
@@ -127,10 +127,10 @@ def test_a_fold_ar_build_is_planned_from_the_damage_fold_ar_leaves(resnet20):
     # The survey compresses as the build will: with fold-ar when the build folds with it (on
     # EfficientNet-Lite0 at 0.80x, 61.2 % top-1 against 56.1 % for fold-ar on the plain fold plan).
     model, x = resnet20.model, resnet20.example_inputs(2)
-    plan = plan_budget(model, x, "fold", target_macs=0.7, group_policy="inner", repair="fold-ar")
-    plain = plan_budget(model, x, "fold", target_macs=0.7, group_policy="inner")
+    plan = plan_budget(model, x, "fold", target_macs=0.7, round_to=8, group_policy="inner", repair="fold-ar")
+    plain = plan_budget(model, x, "fold", target_macs=0.7, round_to=8, group_policy="inner")
     assert (plan.summary()["survey_repair"], plain.summary()["survey_repair"]) == ("fold-ar", "none")
-    assert plan_budget(model, x, "prune-l2", target_macs=0.7, group_policy="inner", repair="fold-ar").repair == "none"
+    assert plan_budget(model, x, "prune-l2", target_macs=0.7, round_to=8, group_policy="inner", repair="fold-ar").repair == "none"
     group = plan.first_pass[0]
     width, damage = group.damage[-1]
     keep = {name: 0.0 for name in (g.name for g in channel_groups(model, x))}
@@ -147,11 +147,11 @@ def test_a_fold_ar_build_is_planned_from_the_damage_fold_ar_leaves(resnet20):
 def test_unreachable_mac_target_is_refused(dead_half):
     model, example = dead_half
     with pytest.raises(BadInput, match="target of 0.010x MACs cannot be met"):
-        plan_budget(model, example, "prune-l2", target_macs=0.01)
+        plan_budget(model, example, "prune-l2", target_macs=0.01, round_to=8)
     # A latency plan is refused in the user's terms, not those of the MAC goal planned for it.
     with pytest.raises(BadInput, match=r"^target latency 0.01x cannot be met: planning it for 0.010x MACs, with every "
                                        r"group at its narrowest .* keeps 0\.\d{3}x MACs; raise target_latency$"):
-        plan_budget(model, example, "prune-l2", target_latency=0.01)
+        plan_budget(model, example, "prune-l2", target_latency=0.01, round_to=8)
 
 
 def test_a_fold_budget_narrows_option_a_streams_only_as_far_as_their_shortcuts_leave_room(resnet20):
@@ -159,7 +159,7 @@ def test_a_fold_budget_narrows_option_a_streams_only_as_far_as_their_shortcuts_l
     # before it: folded to 16 or fewer it has no cluster left for the padding slots. The survey
     # stops there (it used to refuse the whole plan), and narrowing the stream before makes room.
     x = resnet20.example_inputs(2)
-    plan = plan_budget(resnet20.model, x, "fold", target_macs=0.5)
+    plan = plan_budget(resnet20.model, x, "fold", target_macs=0.5, round_to=8)
     assert {g.name: g.floor for g in plan.first_pass if g.kind == "stream"} == {
         "conv1": 8, "layer2.0.conv2": 24, "layer3.0.conv2": 48}
     assert plan.mac_fraction <= 0.5
@@ -210,10 +210,10 @@ def test_second_pass_measures_groups_in_context_and_keeps_one_twin(method, monke
         with torch.no_grad():
             return budget.output_damage(reference, result.model(probe))
 
-    plan = plan_budget(model, example, method, target_macs=0.6)
+    plan = plan_budget(model, example, method, target_macs=0.6, round_to=8)
     with monkeypatch.context() as patch:
         patch.setattr(budget, "FIRST_PASS_SHARE", 1.0)  # one pass: every group's damage alone, all the way
-        one_pass = plan_budget(model, example, method, target_macs=0.6)
+        one_pass = plan_budget(model, example, method, target_macs=0.6, round_to=8)
     # Alone, each twin narrows for free, so one pass takes both, and the outputs move.
     alone = {g.name: g for g in one_pass.groups}
     assert not one_pass.first_pass and alone["a"].damage_at(8) < 1e-4 and alone["b"].damage_at(8) < 1e-4
@@ -257,9 +257,12 @@ class WideNet(nn.Module):
 
 def test_latency_target_is_met_by_measurement_and_recorded():
     model, example = WideNet().eval(), torch.randn(2, 3, 32, 32)
-    plan = plan_budget(model, example, "prune-l2", target_latency=0.7, threads=1)
+    plan = plan_budget(model, example, "prune-l2", target_latency=0.7, round_to=8, threads=1)
     assert plan.target == "latency" and plan.latency_fraction is not None and 0 < plan.latency_fraction <= 0.7
-    assert plan.rounds and all(set(r) == {"mac_target", "mac_fraction", "latency_fraction"} for r in plan.rounds)
+    assert plan.rounds and all(set(r) == {"mac_target", "mac_fraction", "latency_fraction", "latency_interval"}
+                               for r in plan.rounds)
+    # The interval brackets each round's measurement (the median of the per-block ratios).
+    assert all(low <= r["latency_fraction"] <= high for r in plan.rounds for low, high in [r["latency_interval"]])
     assert plan.rounds[-1]["latency_fraction"] == round(plan.latency_fraction, 4)
     assert plan.rounds[0]["mac_target"] == 0.7 and all(r["mac_fraction"] <= r["mac_target"] for r in plan.rounds)
     summary = plan.summary()
@@ -272,10 +275,10 @@ def test_latency_target_not_reached_is_refused(dead_half, monkeypatch):
     import importlib
 
     budget = importlib.import_module("foldship.compress.budget")
-    monkeypatch.setattr(budget, "_latency_fraction", lambda *timed: 1.0)  # no plan ever gets faster
+    monkeypatch.setattr(budget, "_latency_fraction", lambda *timed: (1.0, None))  # no plan ever gets faster
     model, example = dead_half
     with pytest.raises(BadInput, match="not reached in 6 rounds"):
-        plan_budget(model, example, "prune-l2", target_latency=0.9)
+        plan_budget(model, example, "prune-l2", target_latency=0.9, round_to=8)
 
 
 @pytest.mark.parametrize("targets, message", [((1.2, None, None), "in \\(0, 1\\)"),

@@ -129,6 +129,16 @@ def test_round_to_gives_multiples(resnet56):
     assert all(g.kept % 8 == 0 for g in result.groups)
 
 
+def test_groups_no_wider_than_round_to_stay_whole_and_say_why(resnet56):
+    # ResNet-56 at ratio 0.5 with AVX-512's 16-channel block: stage 1 (16 wide) would be padded back to
+    # 16 by ONNX Runtime, so it stays whole; stages 2 and 3 (32, 64) halve to 16 and 32.
+    result = compress_model(resnet56.model, resnet56.example_inputs(2), "prune-l2", 0.5, round_to=16)
+    kept = {(g.width, g.kept) for g in result.groups}
+    assert kept == {(16, 16), (32, 16), (64, 32)}
+    narrow = [g for g in result.groups if g.width == 16]
+    assert narrow and all(g.action.startswith("kept: not wider than round_to 16") for g in narrow)
+
+
 def test_deterministic_labels(resnet20):
     x = resnet20.example_inputs(2)
     a = compress(resnet20.model, x, method="fold", ratio=0.5, seed=3)

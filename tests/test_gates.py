@@ -44,6 +44,8 @@ def test_failing_gates_exit_3_and_are_named(gated_run):
     assert by_name["max_accuracy_drop"]["value"] == pytest.approx(drop) and drop > 0.001
     assert by_name["min_agreement"]["value"] == report["agreement"]["top1_agreement"] < 0.99
     assert by_name["max_size_mb"]["value"] == pytest.approx(report["compressed"]["size_bytes"] / 1e6)
+    # min_speedup judges the lower end of the speedup interval the report states (6 interleaved blocks).
+    assert by_name["min_speedup"]["value"] == pytest.approx(report["speed"]["low"], abs=1e-4) and report["speed"]["blocks"] == 6
     assert by_name["max_p99_ms"]["value"] == report["compressed"]["latency"]["onnxruntime-cpu"]["batch1"]["p99_ms"]
     summary = (out / "report.md").read_text()
     assert "**Gates: FAILED: max_accuracy_drop" in summary and "min_agreement (" in summary

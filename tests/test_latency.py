@@ -1,12 +1,15 @@
-"""The latency protocol on real ONNX Runtime sessions and PyTorch: counts, percentiles, blocks,
-threads and peak memory. No test asserts how fast anything is (see benchmarks/)."""
+"""The latency protocol on real ONNX Runtime sessions and PyTorch: counts, percentiles, interleaved
+blocks, threads and peak memory; the block order and the per-block figures on a fake timer. No test
+asserts how fast anything is (see benchmarks/)."""
 import numpy as np
 import pytest
 import torch
 
 from foldship.exporters import export_onnx
 from foldship.validators import LatencyProtocol, onnx_artifact, time_artifact, torch_artifact
-from foldship.validators.latency import LatencyStats, host_peak_memory
+from foldship.validators.latency import (LatencyStats, TimedModel, block_order, host_peak_memory, interleave,
+                                         time_artifacts)
+from foldship.validators.speed import Speedup
 from foldship.validators.stage import ValidationSettings, raw_samples, time_blocks
 
 SHAPE = (3, 32, 32)
@@ -36,7 +39,7 @@ def test_minimum_duration_and_maximum_count(onnx_file):
                                 LatencyProtocol(warmup=0, min_runs=1, min_seconds=0.3, threads=1))
     assert long_enough.runs > 1 and sum(long_enough.samples_ms) >= 0.9 * 300
     capped = time_artifact(onnx_file, "onnxruntime-cpu", SHAPE, 1,
-                           LatencyProtocol(warmup=0, min_runs=1, min_seconds=30, max_runs=5, threads=1))
+                           LatencyProtocol(warmup=0, min_runs=1, min_seconds=30, max_runs=5, threads=1, trials=1))
     assert capped.runs == 5
 
 
@@ -51,41 +54,82 @@ def test_peak_memory_sees_a_large_batch_and_an_allocation(onnx_file):
     assert peak() >= 45
 
 
-def test_trials_alternate_models_and_pool_samples(resnet20, onnx_file):
+def test_trials_interleave_models_and_pool_samples(resnet20, onnx_file):
     module = torch_artifact("baseline.pytorch", resnet20.model)
     settings = ValidationSettings(batches=[1, 2], protocol=LatencyProtocol(**QUICK, threads=1, trials=2))
     latency = time_blocks([(onnx_file, "onnxruntime-cpu"), (module, "torch-cpu")], SHAPE, settings)
     assert set(latency) == {"baseline", "baseline.pytorch"}
     for name, backend in (("baseline", "onnxruntime-cpu"), ("baseline.pytorch", "torch-cpu")):
         assert set(latency[name][backend]) == {"batch1", "batch2"}
-        assert latency[name][backend]["batch2"].runs == 12  # two blocks of six
+        stats = latency[name][backend]["batch2"]
+        assert stats.runs == 6 and len(stats.block_p50_ms) == 2  # min_runs 6 over two blocks of three
+        assert stats.block_p50_ms == [float(np.median(stats.samples_ms[:3])), float(np.median(stats.samples_ms[3:]))]
     samples = raw_samples(latency)
-    assert len(samples["baseline"]["onnxruntime-cpu"]["batch1"]) == 12
+    assert len(samples["baseline"]["onnxruntime-cpu"]["batch1"]) == 6
     assert torch.get_num_threads() >= 1  # PyTorch's thread count is restored after the torch-cpu block
 
 
-def test_interleaved_rounds_time_every_model_once_each(resnet20, onnx_file, tmp_path):
+def test_real_sessions_take_turns_and_give_a_speedup_interval(resnet20, onnx_file, tmp_path):
     from foldship.compress import compress_model
-    from foldship.validators.artifacts import OrtSettings
-    from foldship.validators.latency import time_interleaved
 
     half = tmp_path / "half.onnx"
     export_onnx(compress_model(resnet20.model, resnet20.example_inputs(2), "prune-l2", 0.5).model,
                 resnet20.example_inputs(2), half, "legacy")
-    protocol = LatencyProtocol(warmup=1, threads=1, clock="cpu")
-    stats = time_interleaved([onnx_file, onnx_artifact("half", half)], SHAPE, 2, protocol, rounds=5)
+    protocol = LatencyProtocol(warmup=1, min_runs=8, min_seconds=0, threads=1, trials=4, clock="cpu")
+    stats = time_artifacts([onnx_file, onnx_artifact("half", half)], "onnxruntime-cpu", SHAPE, 2, protocol)
     assert list(stats) == ["baseline", "half"]
-    assert all(s.runs == len(s.samples_ms) == 5 and s.batch == 2 and s.threads == 1 for s in stats.values())
+    assert all(s.runs == len(s.samples_ms) == 8 and len(s.block_p50_ms) == 4 and s.batch == 2 and s.threads == 1
+               for s in stats.values())
     assert all(0 < v < 10_000 for s in stats.values() for v in s.samples_ms)
-    with pytest.raises(ValueError, match="spinning off"):
-        time_interleaved([onnx_file], SHAPE, 1, protocol, rounds=1, ort=OrtSettings(spinning=True))
+    speed = Speedup.from_blocks(stats["baseline"].block_p50_ms, stats["half"].block_p50_ms)
+    assert speed.blocks == 4 and speed.low <= speed.value <= speed.high and speed.confidence == 1 - 2 ** -3
 
 
-def test_merged_stats_pool_samples():
-    a = LatencyStats.from_samples([1.0, 2.0, 3.0], 1, 2, 10.0)
-    b = LatencyStats.from_samples([4.0], 1, 2, 12.0)
-    merged = a.merged(b)
-    assert merged.runs == 4 and merged.p50_ms == 2.5 and merged.peak_memory_mb == 12.0
+def test_block_order_rotates_each_round():
+    assert block_order(["A", "B"], 3) == ["A", "B", "B", "A", "A", "B"]
+    assert block_order(["A", "B", "C"], 3) == ["A", "B", "C", "B", "C", "A", "C", "A", "B"]
+    assert block_order(["A"], 3) == ["A", "A", "A"]
+
+
+class FakeTimer:
+    """A clock that moves only when a fake model runs, by the duration that model's script gives it."""
+
+    def __init__(self):
+        self.now, self.calls = 0.0, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def model(self, name: str, durations_ms: list[float]) -> TimedModel:
+        """Each run advances the clock by the next duration (warm-up runs included) and is logged."""
+        script = iter(durations_ms)
+
+        def load(stack):
+            self.calls.append(f"load {name}")
+
+            def run():
+                self.calls.append(name)
+                self.now += next(script) / 1e3
+            return run
+        return TimedModel(name, load)
+
+
+def test_interleave_runs_blocks_in_turns_and_keeps_each_blocks_p50():
+    timer = FakeTimer()
+    # One warm-up run, then three blocks of two runs each (min_runs 6 over 3 blocks).
+    base = timer.model("base", [99, 10, 12, 11, 13, 10, 10])
+    comp = timer.model("comp", [99, 5, 7, 6, 6, 8, 4])
+    protocol = LatencyProtocol(warmup=1, min_runs=6, min_seconds=0, threads=1, trials=3)
+    stats = interleave([base, comp], 2, protocol, clock=timer.clock)
+    assert timer.calls == ["load base", "base", "base", "base", "load comp", "comp", "comp", "comp",
+                           "comp", "comp", "base", "base", "base", "base", "comp", "comp"]
+    assert stats["base"].samples_ms == pytest.approx([10, 12, 11, 13, 10, 10])
+    assert stats["base"].block_p50_ms == pytest.approx([11, 12, 10]) and stats["comp"].block_p50_ms == pytest.approx(
+        [6, 6, 6])
+    assert stats["base"].p50_ms == pytest.approx(10.5) and stats["base"].runs == 6 and stats["base"].batch == 2
+    speed = Speedup.from_blocks(stats["base"].block_p50_ms, stats["comp"].block_p50_ms)
+    # Per-round ratios 11/6, 12/6, 10/6: median 11/6, interval [10/6, 2], holding the median with probability 3/4.
+    assert (speed.value, speed.low, speed.high, speed.confidence) == pytest.approx((11 / 6, 10 / 6, 2.0, 0.75))
 
 
 def test_torch_cpu_threads_are_pinned_and_restored(resnet20):
@@ -152,12 +196,11 @@ def test_tensorrt_engine(onnx_file, tmp_path, cifar_eval):
 def test_cpu_clock_counts_only_this_threads_work():
     import time
 
-    from foldship.validators.latency import _measure
-
-    idle = lambda: time.sleep(0.01)  # noqa: E731: waiting, as for a core on a busy machine
-    wall = _measure(idle, LatencyProtocol(warmup=0, min_runs=3, min_seconds=0))
-    cpu = _measure(idle, LatencyProtocol(warmup=0, min_runs=3, min_seconds=0, threads=1, clock="cpu"))
-    assert min(wall) >= 10 and max(cpu) < 5
+    idle = TimedModel("idle", lambda stack: lambda: time.sleep(0.01))  # waiting, as for a core on a busy machine
+    quick = dict(warmup=0, min_runs=3, min_seconds=0, trials=1)
+    wall = interleave([idle], 1, LatencyProtocol(**quick))["idle"]
+    cpu = interleave([idle], 1, LatencyProtocol(**quick, threads=1, clock="cpu"))["idle"]
+    assert wall.min_ms >= 10 and cpu.max_ms < 5
 
 
 def test_cpu_clock_needs_one_thread():

@@ -9,13 +9,14 @@ from foldship.compress.budget import plan_budget
 from foldship.compress.engine import compress_model
 from foldship.exporters import export_onnx
 from foldship.pipeline.config import load_config
-from foldship.pipeline.report import budget_lines, run_title, write_sweep
+from foldship.pipeline.report import budget_lines, run_title, speed_cell, write_sweep
 from foldship.pipeline.validate import validate_artifacts
 from foldship.validators import count_macs, onnx_macs
 
 from .conftest import CIFAR_LOSSLESS, run_cli
 
-QUICK = dict(latency_min_seconds=0.0, latency_min_runs=4, latency_warmup=1, limit=300, batches=[1, 16], threads=1)
+QUICK = dict(latency_min_seconds=0.0, latency_min_runs=6, latency_warmup=1, limit=300, batches=[1, 16], threads=1,
+             latency_trials=3)
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +56,28 @@ def test_report_json_has_every_validation_entry(validated, onnx_files):
     assert (base["correct"], base["total"]) == (274, 300) and base["accuracy"] == pytest.approx(274 / 300)
     assert base["top5_accuracy"] >= base["accuracy"] and len(base["per_class"]) == 10
     assert report["mac_ratio"] == pytest.approx(macs[0.3] / macs["baseline"])
+    # The speedup is the median over rounds of the per-round block p50 ratios, recomputed here from the
+    # blocks each side recorded; the headline's share is (speedup - 1) / (1 / MAC ratio - 1).
+    blocks = [b / c for b, c in zip(base["latency"]["onnxruntime-cpu"]["batch16"]["block_p50_ms"],
+                                    comp["latency"]["onnxruntime-cpu"]["batch16"]["block_p50_ms"])]
     speed = report["speedup"]["onnxruntime-cpu"]["batch16"]
-    assert report["speedup_vs_mac_ratio"] == pytest.approx(speed * report["mac_ratio"])
+    assert speed == pytest.approx(float(np.median(blocks)), rel=1e-3) and len(blocks) == report["latency_protocol"]["trials"]
+    headline = report["speed"]
+    assert (headline["backend"], headline["batch"], headline["blocks"]) == ("onnxruntime-cpu", 16, len(blocks))
+    assert (headline["low"], headline["high"]) == pytest.approx((min(blocks), max(blocks)), rel=1e-3)
+    assert headline["realised_share"] == pytest.approx((speed - 1) / (1 / report["mac_ratio"] - 1), rel=1e-3)
+    assert headline["verdict"] == ("no measurable difference" if min(blocks) <= 1 <= max(blocks) else
+                                   "faster" if speed > 1 else "slower")
+    assert "speedup_vs_mac_ratio" not in report
     for side in (base, comp):
         for batch in ("batch1", "batch16"):
             stats = side["latency"]["onnxruntime-cpu"][batch]
-            assert stats["runs"] >= 4 and stats["threads"] == 1 and stats["p50_ms"] <= stats["p99_ms"]
+            assert stats["runs"] >= 6 and len(stats["block_p50_ms"]) == 3 and stats["threads"] == 1 and stats["p50_ms"] <= stats["p99_ms"]
             assert stats["throughput_per_s"] > 0 and stats["peak_memory_mb"] is not None
     assert [a["name"] for a in report["artifacts"]] == ["baseline", "compressed"]
     assert report["agreement"]["tolerance"]["precision"] == "fp32" and 0 < report["agreement"]["top1_agreement"] < 1
     protocol = report["latency_protocol"]
-    assert protocol["threads"] == 1 and protocol["batches"] == [1, 16] and protocol["min_runs"] == 4
+    assert protocol["threads"] == 1 and protocol["batches"] == [1, 16] and protocol["min_runs"] == 6
     assert report["environment"]["packages"]["onnxruntime"] and report["gates"]["results"][0]["name"] == "min_agreement"
     samples = json.loads(open(validated[0.3].out + "/latency_samples.json").read())
     assert len(samples["compressed"]["onnxruntime-cpu"]["batch16"]) == comp["latency"]["onnxruntime-cpu"]["batch16"]["runs"]
@@ -79,7 +91,8 @@ def test_report_md_leads_with_the_verdict_and_the_table(validated):
     text = "\n".join(lines)
     assert "| top-1 (ONNX Runtime) | 91.3% (274/300) |" in text
     assert "| onnxruntime-cpu batch16 p50 / p90 / p99 |" in text and "| onnxruntime-cpu batch1 throughput |" in text
-    assert "of the theoretical gain" in text and "![latency distributions](latency.png)" in text
+    assert "Speed on ONNX Runtime CPU: **" in text and "at batch 16 for 0." in text
+    assert "![latency distributions](latency.png)" in text
     assert "## Per-class top-1" in text and "## Every artifact" in text
 
 
@@ -93,7 +106,7 @@ def test_title_names_the_budget_of_a_budgeted_build():
 
 def test_report_md_lists_every_group_a_budget_narrowed(resnet20):
     x = resnet20.example_inputs(2)
-    plan = plan_budget(resnet20.model, x, "fold", target_macs=0.7, group_policy="inner", repair="fold-ar")
+    plan = plan_budget(resnet20.model, x, "fold", target_macs=0.7, round_to=8, group_policy="inner", repair="fold-ar")
     lines = budget_lines(plan.summary())
     assert lines[0] == "## Budget" and lines[2].startswith(f"Target 0.70x MACs, planned {plan.mac_fraction:.3f}x MACs.")
     assert "with repair fold-ar" in lines[2] and f"of {len(plan.groups)} surveyed groups narrowed" in lines[2]
@@ -119,6 +132,9 @@ def test_plots_are_real_small_pngs(validated, tmp_path):
         assert run["accuracy"] == validated[ratio].report["compressed"]["accuracy"]
         assert run["size_bytes"] == validated[ratio].report["compressed"]["size_bytes"]
     assert by_folder[validated[0.6].out]["size_bytes"] < by_folder[validated[0.3].out]["size_bytes"]
+    speed = validated[0.3].report["speed"]
+    assert f"| {speed_cell(speed)} |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert speed_cell(speed).startswith(speed["sentence"].split(" at batch")[0])
     for name in ("accuracy_vs_size.png", "sweep.md", "sweep.json"):
         assert (tmp_path / "sweep" / name).is_file()
     for png in (latency_png, tmp_path / "sweep" / "accuracy_vs_size.png"):

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from importlib import metadata
@@ -56,13 +57,17 @@ def test_bench_interleaves_the_run_folders_two_files(run_folder, bench):
     cpu = bench["latency"]["onnxruntime-cpu"]
     for key in ("batch1", "batch2"):
         base, comp = cpu["baseline"][key], cpu["compressed"][key]
-        assert base["runs"] == comp["runs"] >= 20  # one run of each per round, at least min_runs rounds
-        assert bench["speedup"]["onnxruntime-cpu"][key] == pytest.approx(base["p50_ms"] / comp["p50_ms"], rel=1e-3)
+        # 6 blocks each, taken in turns; min_runs 20 split over them: ceil(20 / 6) = 4 runs a block.
+        assert len(base["block_p50_ms"]) == len(comp["block_p50_ms"]) == 6 and base["runs"] == comp["runs"] == 24
+        ratios = [b / c for b, c in zip(base["block_p50_ms"], comp["block_p50_ms"])]  # round by round
+        interval = bench["speedup_interval"]["onnxruntime-cpu"][key]
+        assert bench["speedup"]["onnxruntime-cpu"][key] == pytest.approx(statistics.median(ratios), rel=1e-3)
+        assert (interval["low"], interval["high"]) == pytest.approx((min(ratios), max(ratios)), rel=1e-3)
     assert bench["input_shape"] == [3, 32, 32] and bench["latency_protocol"]["threads"] == 1
     assert bench["latency_protocol"]["providers"] == {"onnxruntime-cpu": "CPUExecutionProvider"}
     machine = bench["machine"]
     assert 1 <= machine["physical_cores"] <= os.cpu_count() and machine["packages"]["onnxruntime"]
-    assert bench["target"] == "board-a" and bench["format"] == "foldship-bench/1"
+    assert bench["target"] == "board-a" and bench["format"] == "foldship-bench/2"
 
 
 def test_merge_adds_one_entry_per_target_and_judges_each(run_folder, bench, tmp_path):
@@ -70,7 +75,7 @@ def test_merge_adds_one_entry_per_target_and_judges_each(run_folder, bench, tmp_
     for name in ("board-a", "board-b"):
         files.append(tmp_path / f"{name}.json")
         files[-1].write_text(json.dumps(bench | {"target": name}))
-    speedup = bench["speedup"]["onnxruntime-cpu"]["batch2"]
+    speedup = bench["speedup_interval"]["onnxruntime-cpu"]["batch2"]["low"]  # the gate judges the lower end
     report, folder = merge_latency(run_folder, files, tmp_path / "merged", {"min_speedup": speedup + 1})
     assert list(report["targets"]) == ["board-a", "board-b"]
     assert report["targets"]["board-a"]["latency"] == bench["latency"]
@@ -179,7 +184,7 @@ def test_bench_and_merge_run_without_pytorch(run_folder, tmp_path):
     assert timed.returncode == 0, timed.stderr
     result = json.loads((tmp_path / "edge.json").read_text())
     assert result["machine"]["packages"]["torch"] is None and result["machine"]["torch_threads"] is None
-    speedup = result["speedup"]["onnxruntime-cpu"]["batch2"]
+    speedup = result["speedup_interval"]["onnxruntime-cpu"]["batch2"]["low"]  # the gate judges the lower end
 
     merged = foldship("validate", str(run_folder), "--latency", "edge.json", "--out", "merged",
                       "--min-speedup", str(round(speedup * 2 + 1, 3)), "--max-p99-ms", "1e9")

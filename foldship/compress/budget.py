@@ -13,7 +13,8 @@ heuristic this replaces (each group's folding error, weighted by position and si
 which groups EfficientNet-Lite0 can lose: 41.6 % top-1 folded at 0.85x MACs, against 61.6 % now.
 
 Widths are then allocated greedily: the step that removes one aligned block (``round_to``
-channels, default 8 on this path, so the saving shows up as latency) from the group with the least
+channels; by default the kernel block of the target, ``widths.width_rule``, so the saving shows
+up as latency) from the group with the least
 damage per MAC saved, the damage interpolated linearly between the measured widths, repeats until
 the MAC fraction, from a per-layer MAC model, meets the target. No group goes below the narrowest
 width measured (a quarter of its channels).
@@ -48,9 +49,8 @@ from torch import nn
 from ..errors import BadInput
 from .groups import DependencyAdapter, GroupView, output_layers
 from .repairs import repair_steps
-from .widths import check_round_to, ratio_for_width
+from .widths import ratio_for_width, width_rule
 
-DEFAULT_ALIGN = 8
 PROBE_KEEPS = (0.75, 0.5, 0.25)  # each group is measured at these fractions of its width (aligned)
 PROBE_COUNT = 32  # probe inputs per forward pass
 PROBE_SCALES = (4, 8, 16, 32, 64)  # smooth noise: Gaussian fields this coarse at 224 px (relative to size), upsampled, summed
@@ -59,7 +59,6 @@ FIRST_PASS_SHARE = 0.5  # of the MAC cut planned from each group's damage alone;
 LATENCY_ROUNDS = 6
 MAX_STEP = 0.15  # largest relative cut of the MAC goal per latency round
 LATENCY_BATCH = 16
-TIMING_ROUNDS = 20  # alternate runs of candidate and baseline per latency round
 
 
 class UnreachableTarget(BadInput):
@@ -355,18 +354,17 @@ def allocate(groups: list[GroupBudget], macs: MacModel, target: float, align: in
 
 
 def plan_budget(model: nn.Module, example, method: str, target_macs: float | None = None,
-                target_latency: float | None = None, round_to: int | None = None, group_policy: str = "all",
+                target_latency: float | None = None, round_to: int | str | None = None, group_policy: str = "all",
                 protected: Sequence[str] | None = None, threads: int = 0, calibration: torch.Tensor | None = None,
                 seed: int = 0, repair: str = "none") -> BudgetPlan | None:
-    """The plan for whichever target is set (None without a target); widths align to ``round_to``,
-    or to 8 when it is not given. Damage is measured on the first PROBE_COUNT ``calibration`` images when
+    """The plan for whichever target is set (None without a target); widths align to ``round_to``
+    (a whole number, or "auto"/None: the kernel block ``width_rule`` picks for a budget). Damage is measured on the first PROBE_COUNT ``calibration`` images when
     given (unlabelled, never the evaluation images), else on seeded smooth noise, with the build's
     ``repair`` when the survey can use it (``two_pass_survey``)."""
     if target_macs is None and target_latency is None:
         return None
     check_targets(target_macs, target_latency, None)
-    check_round_to(round_to)
-    align = DEFAULT_ALIGN if round_to is None else round_to
+    align = width_rule(round_to, budget=True).round_to
     modules = None
     if protected is not None:
         named = dict(model.named_modules())
@@ -382,7 +380,7 @@ def plan_budget(model: nn.Module, example, method: str, target_macs: float | Non
                             repair)
 
 
-def two_pass_survey(model: nn.Module, example, method: str, goal: float, align: int = DEFAULT_ALIGN,
+def two_pass_survey(model: nn.Module, example, method: str, goal: float, align: int,
                     group_policy: str = "all", protected: Sequence[nn.Module] | None = None,
                     probe: torch.Tensor | None = None, seed: int = 0, repair: str = "none") -> tuple[BudgetPlan, MacModel]:
     """A plan whose groups are ready to allocate towards ``goal`` (a MAC fraction), and the MAC model.
@@ -407,7 +405,7 @@ def two_pass_survey(model: nn.Module, example, method: str, goal: float, align: 
     return plan, macs
 
 
-def plan_for_macs(model: nn.Module, example, target_macs: float, method: str = "fold", align: int = DEFAULT_ALIGN,
+def plan_for_macs(model: nn.Module, example, target_macs: float, method: str, align: int,
                   group_policy: str = "all", protected: Sequence[nn.Module] | None = None,
                   probe: torch.Tensor | None = None, seed: int = 0, repair: str = "none") -> BudgetPlan:
     """Per-group widths whose MACs are at most ``target_macs`` of the baseline's."""
@@ -417,8 +415,8 @@ def plan_for_macs(model: nn.Module, example, target_macs: float, method: str = "
     return plan
 
 
-def plan_for_latency(model: nn.Module, example, target_latency: float, method: str = "fold",
-                     align: int = DEFAULT_ALIGN, group_policy: str = "all",
+def plan_for_latency(model: nn.Module, example, target_latency: float, method: str,
+                     align: int, group_policy: str = "all",
                      protected: Sequence[nn.Module] | None = None, threads: int = 0,
                      probe: torch.Tensor | None = None, seed: int = 0, repair: str = "none") -> BudgetPlan:
     """Per-group widths whose ONNX Runtime CPU latency (batch 16, this machine) is at most
@@ -445,10 +443,10 @@ def _plan_for_latency(model: nn.Module, example, target_latency: float, method: 
             plan.mac_fraction = allocate(plan.groups, macs, mac_goal, align)
             candidate = _export(_planned_architecture(model, example, plan, protected), example,
                                 Path(folder) / "candidate.onnx")
-            # Baseline timed again beside each candidate: on a shared machine the load drifts.
-            measured = _latency_fraction(candidate, baseline, example, threads)
+            # Baseline timed again beside each candidate, block by block: on a shared machine the load drifts.
+            measured, interval = _latency_fraction(candidate, baseline, example, threads)
             plan.rounds.append({"mac_target": round(mac_goal, 4), "mac_fraction": round(plan.mac_fraction, 4),
-                                "latency_fraction": round(measured, 4)})
+                                "latency_fraction": round(measured, 4), "latency_interval": interval})
             if measured <= target_latency:
                 best = measured
                 break
@@ -486,13 +484,15 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def _latency_fraction(candidate: Path, baseline: Path, example: torch.Tensor, threads: int) -> float:
-    """The candidate's median latency over the baseline's, one batch of 16 on ONNX Runtime CPU, the
-    two run alternately so load drifting on a shared machine hits both alike."""
+def _latency_fraction(candidate: Path, baseline: Path, example: torch.Tensor, threads: int) -> tuple[float, list | None]:
+    """The candidate's latency over the baseline's at batch 16 on ONNX Runtime CPU, and its interval:
+    the build's latency protocol (the two models taking turns block by block), 1 / their speedup."""
     from ..validators.artifacts import onnx_artifact
-    from ..validators.latency import LatencyProtocol, time_interleaved
+    from ..validators.latency import LatencyProtocol, time_artifacts
+    from ..validators.speed import Speedup
 
-    protocol = LatencyProtocol(warmup=3, threads=threads, clock="cpu" if threads == 1 else "wall")
-    stats = time_interleaved([onnx_artifact("candidate", candidate), onnx_artifact("baseline", baseline)],
-                             tuple(example.shape[1:]), LATENCY_BATCH, protocol, TIMING_ROUNDS)
-    return stats["candidate"].p50_ms / stats["baseline"].p50_ms
+    protocol = LatencyProtocol(threads=threads, clock="cpu" if threads == 1 else "wall")
+    stats = time_artifacts([onnx_artifact("candidate", candidate), onnx_artifact("baseline", baseline)], "onnxruntime-cpu",
+                           tuple(example.shape[1:]), LATENCY_BATCH, protocol)
+    speed = Speedup.from_blocks(stats["baseline"].block_p50_ms, stats["candidate"].block_p50_ms)
+    return 1.0 / speed.value, None if speed.low is None else [round(1.0 / speed.high, 4), round(1.0 / speed.low, 4)]

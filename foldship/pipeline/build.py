@@ -22,7 +22,7 @@ from ..validators import count_macs, count_params, run_folder_artifacts, torch_a
 from ..validators.accuracy import classification_scores, evaluate_torch
 from ..validators.stage import validate
 from .config import BuildConfig
-from .environment import fingerprint
+from .environment import fingerprint, keep_freed_memory
 from .progress import StageProgress
 from .report import write_report
 from .run_folder import RunFolder
@@ -60,6 +60,7 @@ def build(config: BuildConfig, progress: StageProgress | None = None, *,
     """
     progress = progress or StageProgress(quiet=True)
     config.validate()
+    keep_freed_memory()  # process-wide: the survey's and evaluation's activations reuse freed memory
     with RunFolder(config.out, config.overwrite) as folder:  # commits whole, or discards on any error or signal
         report, latency_samples = _run_stages(config, folder, progress, model)
         write_report(folder.staging, report, latency_samples)
@@ -68,6 +69,7 @@ def build(config: BuildConfig, progress: StageProgress | None = None, *,
 
 def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
                 given: LoadedModel | nn.Module | None = None) -> tuple[dict, dict]:
+    first_stage = len(progress.timings)
     with progress.stage("load model"):
         loaded = load_from_config(config) if given is None else given_model(given, config)
         check_repair(config.repair, loaded.model, loaded.name)
@@ -89,11 +91,12 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
         with progress.stage("check conversion (ONNX Runtime vs PyTorch)"):
             check_conversion(loaded, data.x)
     example = loaded.example_inputs(2)
+    widths = config.width_rule()
+    round_to = widths.round_to
     with progress.stage(f"compress ({config.method})", total=None) as advance:
         budget = plan_budget(loaded.model, example, config.method, config.target_macs, config.target_latency,
-                             config.round_to, config.groups, config.protected, config.threads, calibration, config.seed,
+                             round_to, config.groups, config.protected, config.threads, calibration, config.seed,
                              config.repair)
-        round_to = budget.align if budget else 1 if config.round_to is None else config.round_to
         result = compress_model(loaded.model, example, config.method, config.ratio, config.seed, config.groups,
                                 budget.group_ratios() if budget else config.group_ratios, config.protected,
                                 round_to, repair=config.repair,
@@ -153,6 +156,7 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
         "recovery": recovery,
         "residual_streams": result.residual_streams,
         "round_to": round_to,
+        "width_rule": widths.as_dict(),
         "device": config.device,
         "compression": compression,
         "saved_model": saved_model,
@@ -160,6 +164,7 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
         **sides,
         "export": export_report(export_options, exported),
         "environment": fingerprint(),
+        "stages": progress.timings[first_stage:],  # wall and CPU seconds of each stage, in order
     }, validation.samples
 
 

@@ -13,7 +13,7 @@ from ..compress.distill import FINETUNES, DistillSettings
 from ..compress.engine import GROUP_POLICIES, METHODS, resolve_device
 from ..data.presets import resolve_preprocessing
 from ..compress.repairs import check_repair
-from ..compress.widths import check_ratio, check_round_to
+from ..compress.widths import WidthRule, check_ratio, check_round_to, width_rule
 from ..errors import BadInput
 from ..exporters import ExportOptions, TrtSettings
 from ..models.registry import Preprocessing, external_source, weights_inside
@@ -54,7 +54,7 @@ class BuildConfig:
     finetune_images: int | None = None  # calibration images distillation trains on; default all of them
     group_ratios: dict[str, float] = field(default_factory=dict)
     protected: list[str] | None = None  # module names whose outputs stay whole; default: classifier
-    round_to: int | None = None  # kept widths a multiple of this; default 1, or 8 with a budget target
+    round_to: int | str | None = None  # kept widths a multiple of this, or auto (see width_rule())
     target_macs: float | None = None  # budgeted compression: per-group widths chosen to meet this MAC fraction
     target_latency: float | None = None  # ... or this fraction of the baseline's ONNX Runtime CPU latency
     seed: int = 0
@@ -85,7 +85,7 @@ class BuildConfig:
     latency_warmup: int = 10  # untimed runs before each measurement
     latency_min_runs: int = 20
     latency_max_runs: int = 1000
-    latency_trials: int = 1  # blocks per model; 2+ alternate the models block by block (A B A B)
+    latency_trials: int = 6  # blocks per model, the models taking turns (A B, B A, ...); 3+ give a speedup interval
     latency_clock: str = "wall"  # cpu: CPU time of the one compute thread, robust on a busy machine
     threads: int = 0
     backends: list[str] | None = None  # timed and evaluated backends; default: every one this machine has
@@ -150,6 +150,12 @@ class BuildConfig:
                                defaults.lr if self.finetune_lr is None else self.finetune_lr,
                                defaults.batch if self.finetune_batch is None else self.finetune_batch,
                                self.seed, self.threads)
+
+    def width_rule(self) -> WidthRule:
+        """The channel multiple of this build: ``round_to`` as given, or auto (the kernel block of the
+        target) by default with a budget target, target tensorrt or a GPU backend; raw widths otherwise."""
+        return width_rule(self.round_to, budget=self.target_macs is not None or self.target_latency is not None,
+                          target=self.target, gpu_backends=any(not b.endswith("-cpu") for b in self.backends or []))
 
     def check_weights(self) -> None:
         """Fill in the model's own shared-data checkpoint; refuse what random weights cannot judge.

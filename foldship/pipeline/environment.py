@@ -1,10 +1,12 @@
-"""Environment fingerprint recorded in every report: versions, hardware, threads.
+"""Environment fingerprint recorded in every report: versions, hardware, threads; and the
+process-wide allocator setting a build runs under.
 
 PyTorch is described where it is loaded; the timing side (``foldship bench``) runs without it and
 describes the GPU through the CUDA driver instead.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import sys
@@ -15,6 +17,32 @@ from ..validators.artifacts import cuda_gpus, physical_cores
 # onnxruntime-gpu provides the same module as onnxruntime: one of the two is installed.
 PACKAGES = ("foldship", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
             "torch-pruning", "numpy")
+
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+_ALLOCATOR = {"keeps_freed_memory": False}
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default every block over 128 KiB-32 MiB is its own mmap, unmapped when freed, so each
+    activation tensor of a forward pass (EfficientNet-Lite0 at batch 32: 50-150 MB each) is
+    page-faulted in and zeroed by the kernel again on every pass: the budget survey and evaluation
+    spent about 40 % of their CPU time in the kernel (docs/speed.md). With mmap off for large
+    blocks and no automatic trimming, freed blocks return to malloc's free lists and the next pass
+    reuses them. Peak memory is what the process holds at its largest, not more; an explicit
+    ``malloc_trim`` still returns it. Returns whether the setting took (glibc only; idempotent).
+    """
+    if not _ALLOCATOR["keeps_freed_memory"]:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            _ALLOCATOR["keeps_freed_memory"] = bool(libc.mallopt(M_MMAP_MAX, 0) and
+                                                     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+        except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator's own behaviour stays
+            pass
+    return _ALLOCATOR["keeps_freed_memory"]
 
 
 def _version(name: str) -> str | None:
@@ -60,5 +88,6 @@ def fingerprint() -> dict:
         "cpu_count": os.cpu_count(),
         "physical_cores": physical_cores(),
         "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "malloc_keeps_freed_memory": _ALLOCATOR["keeps_freed_memory"],
         "gpu": gpu,
     }

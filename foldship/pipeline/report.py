@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
+from ..validators.speed import Speedup, change_text, recorded_speedup
 
 PLOT_DPI = 80
 
@@ -62,7 +63,7 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
             if c is None:
                 continue
             rows.append((f"{backend} {batch} p50 / p90 / p99", _percentiles(stats), _percentiles(c),
-                         f"{report['speedup'][backend][batch]:.2f}x speed"))
+                         change_text(recorded_speedup(report, backend, batch))))
             rows.append((f"{backend} {batch} throughput", f"{stats['throughput_per_s']:,.0f} /s",
                          f"{c['throughput_per_s']:,.0f} /s", _ratio(c["throughput_per_s"], stats["throughput_per_s"])))
         largest = max(batches, key=lambda k: int(k[5:]))
@@ -100,25 +101,19 @@ def gate_label(gate: dict) -> str:
     return gate["name"] + (f" on {gate['target']} ({gate['backend']})" if gate.get("target") else "")
 
 
-def speed_phrase(speedup: float) -> str:
-    """Compressed vs baseline latency as words: a slowdown reads as one."""
-    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
-
-
 def _fmt_value(value: float | None) -> str:
     return "not measured" if value is None else f"{value:.4g}"
 
 
 def _speedup_line(report: dict) -> str | None:
-    fraction = report.get("speedup_vs_mac_ratio")
-    if fraction is None:
+    speed = report.get("speed")
+    if not speed:
         return None
     protocol = report["latency_protocol"]
-    batch = f"batch{max(protocol['batches'])}"
-    speedup = report["speedup"]["onnxruntime-cpu"][batch]
-    return (f"Speedup at {batch} on ONNX Runtime CPU: **{speedup:.2f}x** for a MAC reduction of "
-            f"{1 / report['mac_ratio']:.2f}x: **{fraction:.2f}** of the theoretical gain "
-            f"({protocol['threads']} threads, {protocol['trials']} trial(s) per model).")
+    spread = (f"speedup interval {speed['low']:.2f}-{speed['high']:.2f} over {speed['blocks']} interleaved rounds "
+              f"({100 * speed['confidence']:.0f} % confidence)" if speed.get("low") is not None else
+              f"{speed['blocks']} interleaved round(s): too few for an interval")
+    return (f"Speed on ONNX Runtime CPU: **{speed['sentence']}** ({spread}; {protocol['threads']} threads).")
 
 
 def run_title(report: dict) -> str:
@@ -170,8 +165,11 @@ def render_markdown(report: dict) -> str:
               f"{'on' if protocol['onnxruntime']['spinning'] else 'off'}; backends {', '.join(protocol['backends'])}.",
               f"- Environment: Python {env['python']}, torch {env['packages']['torch']}, onnxruntime "
               f"{onnxruntime_version(env)}, {env['cpu']} ({env['cpu_count']} cores)"
-              + (f", GPU {env['gpu']['name']}" if env.get("gpu") else "") + ".", ""]
-    return "\n".join(lines)
+              + (f", GPU {env['gpu']['name']}" if env.get("gpu") else "") + "."]
+    if report.get("stages"):
+        lines.append("- Build time per stage (wall / user CPU / system CPU, s): " + "; ".join(
+            f"{t['stage']} {t['wall_s']:.1f} / {t['user_s']:.1f} / {t['sys_s']:.1f}" for t in report["stages"]) + ".")
+    return "\n".join(lines + [""])
 
 
 def recovery_lines(recovery: dict | None) -> list[str]:
@@ -238,8 +236,8 @@ def target_lines(report: dict) -> list[str]:
     if not targets:
         return []
     lines = ["## Latency on targets", "",
-             "Timed on each machine with `foldship bench` and merged from its JSON; the rows above are the build "
-             "machine's.", "",
+             "Timed on each machine with `foldship bench` (the build's protocol: the models take turns block by "
+             "block) and merged from its JSON; the rows above are the build machine's.", "",
              "| target | machine | backend | batch | baseline p50 / p99 ms | compressed p50 / p99 ms | speed |",
              "|---|---|---|---:|---:|---:|---|"]
     for name, entry in targets.items():
@@ -251,9 +249,8 @@ def target_lines(report: dict) -> list[str]:
                 comp = sides["compressed"][key]
                 lines.append(f"| {name} | {described} | {backend} | {base['batch']} | {base['p50_ms']:.3f} / "
                              f"{base['p99_ms']:.3f} | {comp['p50_ms']:.3f} / {comp['p99_ms']:.3f} | "
-                             f"{speed_phrase(entry['speedup'][backend][key])} |")
-    orders = {f"{b}: {order}" for entry in targets.values() for b, order in entry["latency_protocol"]["order"].items()}
-    return lines + ["", "Order of runs on targets: " + "; ".join(sorted(orders)) + ".", ""]
+                             f"{change_text(recorded_speedup(entry, backend, key))} |")
+    return lines + [""]
 
 
 def calibration_note(report: dict) -> str:
@@ -405,7 +402,7 @@ def plot_latency(report: dict, latency_samples: dict, path: str | Path) -> None:
         if max(max(d) for d in data) > 10 * min(min(d) for d in data):
             ax.set_xscale("log")  # one slow outlier would otherwise squash every box
         speedup = report.get("speedup", {}).get(backend, {}).get(batch)
-        ax.set_title(f"{backend}, {batch}" + (f": {speedup:.2f}x faster" if speedup else ""), fontsize=10)
+        ax.set_title(f"{backend}, {batch}" + (f": {change_text(recorded_speedup(report, backend, batch))}" if speedup else ""), fontsize=10)
         ax.set_xlabel("latency per run (ms); box: p25-p75, line: p50, red: p99", fontsize=8)
         ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(panels):]:
@@ -451,7 +448,7 @@ def write_sweep(run_folders: list[str | Path], out: str | Path) -> dict:
             "baseline_accuracy": base["accuracy"], "accuracy": comp["accuracy"],
             "baseline_size_bytes": base.get("size_bytes", base.get("onnx", {}).get("size_bytes")),
             "size_bytes": comp.get("size_bytes", comp.get("onnx", {}).get("size_bytes")),
-            "mac_ratio": report.get("mac_ratio"), "speedup_vs_mac_ratio": report.get("speedup_vs_mac_ratio"),
+            "mac_ratio": report.get("mac_ratio"), "speed": report.get("speed"),
             "top1_agreement": report["agreement"]["top1_agreement"], "gates_passed": report["gates"]["passed"],
         })
     runs.sort(key=lambda r: (str(r["method"]), str(r["repair"]), str(r["groups_policy"]), r["ratio"] or 0))
@@ -460,17 +457,26 @@ def write_sweep(run_folders: list[str | Path], out: str | Path) -> dict:
     sweep = {"runs": runs}
     _write_text(out / "sweep.json", json.dumps(sweep, indent=2) + "\n")
     lines = ["# foldship sweep: accuracy vs size", "", "![accuracy vs size](accuracy_vs_size.png)", "",
-             "| run | method | repair | groups | ratio | top-1 | baseline | ONNX size | MAC ratio | speedup x MAC ratio | agreement |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | method | repair | groups | ratio | top-1 | baseline | ONNX size | MAC ratio | speed (ONNX Runtime CPU) | agreement |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in runs:
-        fraction = "n/a" if r["speedup_vs_mac_ratio"] is None else f"{r['speedup_vs_mac_ratio']:.2f}"
         mac = "n/a" if r["mac_ratio"] is None else f"{r['mac_ratio']:.3f}"
         lines.append(f"| {Path(r['folder']).name} | {r['method']} | {r['repair']} | {r['groups_policy']} | {r['ratio']} | "
                      f"{_fmt_pct(r['accuracy'])} | {_fmt_pct(r['baseline_accuracy'])} | {_fmt_size(r['size_bytes'])} | "
-                     f"{mac} | {fraction} | {_fmt_pct(r['top1_agreement'])} |")
+                     f"{mac} | {speed_cell(r['speed'])} | {_fmt_pct(r['top1_agreement'])} |")
     _write_text(out / "sweep.md", "\n".join(lines) + "\n")
     plot_accuracy_vs_size(runs, out / "accuracy_vs_size.png")
     return sweep
+
+
+def speed_cell(speed: dict | None) -> str:
+    """A report's headline speed for a table cell: the change and, when faster, the share realised."""
+    if not speed:
+        return "n/a"
+    text = change_text(Speedup.from_dict(speed))
+    share = speed.get("realised_share")
+    return f"{text} at batch {speed['batch']}" + (f", {100 * share:.0f} % of possible"
+                                                  if share is not None and speed["verdict"] == "faster" else "")
 
 
 def plot_accuracy_vs_size(runs: list[dict], path: str | Path) -> None:

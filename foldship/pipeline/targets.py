@@ -2,9 +2,10 @@
 
 ``foldship bench RUN_DIR --json FILE`` runs on the target: it times the run folder's baseline.onnx
 and compressed.onnx with ONNX Runtime on that machine and writes the timings with a description of
-the machine. On the CPU the two models alternate run by run (``time_interleaved``), so drift on a
-busy board hits both alike; on a GPU provider they alternate block by block. ``foldship validate
-RUN_DIR --latency FILE...`` merges such files into a copy of the run's report, one entry per target
+the machine, with the build's protocol: the two models take turns block by block on every backend
+(``validators.latency.interleave``), so drift on a busy board hits both alike, and each speedup
+comes with its interval (``validators.speed``). ``foldship validate RUN_DIR --latency FILE...``
+merges such files into a copy of the run's report, one entry per target
 named by its machine, and judges the latency gates on each target's numbers.
 
 Neither imports PyTorch: a target needs onnxruntime, numpy and the CLI's packages (docs/edge.md).
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import platform
 import shutil
 from pathlib import Path
@@ -22,17 +22,17 @@ from ..errors import BadInput
 from ..models.digest import sha256_of
 from ..validators.artifacts import ORT_BACKENDS, Artifact, OrtSettings, onnx_backends, onnx_session
 from ..validators.gates import GATES, check_limits, evaluate_gates
-from ..validators.latency import LatencyProtocol, LatencyStats, time_interleaved
-from ..validators.stage import ValidationSettings, select_backends, time_blocks
+from ..validators.latency import LatencyProtocol
+from ..validators.speed import measured_speedups, recorded_speedup, speedup_entries
+from ..validators.stage import INTERLEAVED_ORDER, SPEEDUP_RULE, ValidationSettings, select_backends, time_blocks
 from .environment import fingerprint
 from .progress import StageProgress
 from .report import load_run, render_markdown, run_title
 from .run_folder import RunFolder
 
-BENCH_FORMAT = "foldship-bench/1"
+BENCH_FORMAT = "foldship-bench/2"  # 2: interleaved blocks on every backend, speedup intervals
 SIDES = ("baseline", "compressed")
 LATENCY_GATES = ("min_speedup", "max_p99_ms")  # the gates a target's timings can judge
-GPU_TRIALS = 3  # blocks per model on a GPU provider (A B A B A B)
 # Files of a run folder that a merged report refers to (report.md shows latency.png).
 CARRIED_FILES = ("latency.png", "latency_samples.json")
 
@@ -62,7 +62,10 @@ def bench_run(run: str | Path, name: str | None = None, batches: list[int] | Non
     report = load_run(run)
     recorded = report.get("latency_protocol", {})
     ort = OrtSettings(**recorded.get("onnxruntime", {})) if recorded.get("onnxruntime") else OrtSettings()
-    protocol = LatencyProtocol(threads=threads, **({} if min_seconds is None else {"min_seconds": min_seconds}))
+    if trials is not None and trials < 1:
+        raise BadInput(f"--trials must be >= 1, got {trials}")
+    protocol = LatencyProtocol(threads=threads, **({} if min_seconds is None else {"min_seconds": min_seconds}),
+                               **({} if trials is None else {"trials": trials}))
     settings = ValidationSettings(list(batches or recorded.get("batches") or [1, 64]), protocol,
                                   dataclasses.replace(ort, spinning=False), backends).validate()
     other = [b for b in settings.backends or [] if b not in ORT_BACKENDS]
@@ -70,28 +73,11 @@ def bench_run(run: str | Path, name: str | None = None, batches: list[int] | Non
         raise BadInput(f"a run folder's ONNX files run on ONNX Runtime backends ({', '.join(ORT_BACKENDS)}), "
                        f"not {', '.join(other)}")
     chosen = select_backends(settings.backends, onnx_backends())
-    if trials is not None and trials < 1:
-        raise BadInput(f"--trials must be >= 1, got {trials}")
     shape = tuple(input_shape or report.get("model", {}).get("input_shape") or _static_input_shape(files["baseline"]))
     artifacts = [Artifact(side, "onnx", side, str(path)) for side, path in files.items()]
-    latency: dict[str, dict[str, dict[str, LatencyStats]]] = {}
-    order: dict[str, str] = {}
-    with progress.stage("time on this machine", total=len(chosen) * len(settings.batches)) as advance:
-        for backend in chosen:
-            if backend == "onnxruntime-cpu":
-                order[backend] = "baseline and compressed alternate run by run, the order rotating each round"
-                for batch in settings.batches:
-                    for side, stats in _interleaved(artifacts, shape, batch, protocol, settings.ort).items():
-                        latency.setdefault(backend, {}).setdefault(side, {})[f"batch{batch}"] = stats
-                    advance()
-            else:
-                alternating = dataclasses.replace(protocol, trials=trials or GPU_TRIALS)
-                blocks = dataclasses.replace(settings, protocol=alternating)
-                order[backend] = (f"each model in its own block, alternating block by block "
-                                  f"({blocks.protocol.trials} blocks each), samples pooled")
-                timed = time_blocks([(a, backend) for a in artifacts], shape, blocks)
-                latency[backend] = {side: timed[side][backend] for side in SIDES}
-                advance(len(settings.batches))
+    timed = time_blocks([(a, backend) for backend in chosen for a in artifacts], shape, settings, progress)
+    latency = {backend: {side: {k: s.as_dict() for k, s in timed[side][backend].items()} for side in SIDES}
+               for backend in chosen}
     machine = fingerprint()
     return {
         "format": BENCH_FORMAT,
@@ -102,24 +88,14 @@ def bench_run(run: str | Path, name: str | None = None, batches: list[int] | Non
         "machine": machine | {"hostname": platform.node(), "onnxruntime_providers": _providers()},
         "input_shape": list(shape),
         "batches": list(settings.batches),
-        "latency": {b: {side: {k: s.as_dict() for k, s in per_side.items()} for side, per_side in sides.items()}
-                    for b, sides in latency.items()},
-        "speedup": {b: {k: sides["baseline"][k].p50_ms / sides["compressed"][k].p50_ms for k in sides["baseline"]}
-                    for b, sides in latency.items()},
+        "latency": latency,
+        **speedup_entries(measured_speedups({b: sides["baseline"] for b, sides in latency.items()},
+                                            {b: sides["compressed"] for b, sides in latency.items()})),
         "latency_protocol": dataclasses.asdict(protocol) | {
             "threads": protocol.resolved_threads(), "onnxruntime": dataclasses.asdict(settings.ort),
-            "providers": {b: ORT_BACKENDS[b][1] for b in chosen}, "order": order},
+            "providers": {b: ORT_BACKENDS[b][1] for b in chosen}, "order": INTERLEAVED_ORDER,
+            "speedup": SPEEDUP_RULE},
     }
-
-
-def _interleaved(artifacts: list[Artifact], shape: tuple[int, ...], batch: int, protocol: LatencyProtocol,
-                 ort: OrtSettings) -> dict[str, LatencyStats]:
-    """Run-by-run alternation (``time_interleaved``) for as many rounds as give each model at least
-    ``min_seconds`` of timed runs (within min_runs..max_runs), from a three-round pilot."""
-    pilot = time_interleaved(artifacts, shape, batch, protocol, rounds=3, ort=ort)
-    fastest_ms = max(min(s.p50_ms for s in pilot.values()), 1e-6)
-    rounds = min(max(protocol.min_runs, math.ceil(protocol.min_seconds * 1e3 / fastest_ms)), protocol.max_runs)
-    return time_interleaved(artifacts, shape, batch, protocol, rounds=rounds, ort=ort)
 
 
 def _static_input_shape(path: Path) -> tuple[int, ...]:
@@ -164,7 +140,8 @@ def merge_latency(run: str | Path, bench_files: list[str | Path], out: str | Pat
     for path, bench in zip(bench_files, benches):
         targets[bench["target"]] = {
             "source": Path(path).name, "machine": bench["machine"], "input_shape": bench["input_shape"],
-            "latency": bench["latency"], "speedup": bench["speedup"], "latency_protocol": bench["latency_protocol"],
+            "latency": bench["latency"], "speedup": bench["speedup"], "speedup_interval": bench["speedup_interval"],
+            "latency_protocol": bench["latency_protocol"],
             "gates": _target_gates(bench, chosen),
         }
     # A run folder's own gates (build machine), then each target's; targets given now replace any earlier.
@@ -207,7 +184,8 @@ def _target_gates(bench: dict, limits: dict[str, float]) -> list[dict]:
     largest, smallest = f"batch{max(bench['batches'])}", f"batch{min(bench['batches'])}"
     results = []
     for backend, sides in bench["latency"].items():
-        measured = {"speedup": bench["speedup"][backend].get(largest),
+        speedup = recorded_speedup(bench, backend, largest) if largest in bench["speedup"][backend] else None
+        measured = {"speedup": speedup.judged if speedup else None,
                     "p99_ms": sides["compressed"].get(smallest, {}).get("p99_ms")}
         for result in evaluate_gates(measured, limits):
             results.append(result.as_dict() | {

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..pipeline.report import _fmt_pct, _fmt_size
+from ..pipeline.report import _fmt_pct, _fmt_size, speed_cell
 from .store import Row
 
 PRUNERS = ("prune-l1", "prune-l2")
@@ -78,13 +78,14 @@ def render_markdown(summary: dict, rows: list[Row], paired: list[PairedDifferenc
         lines += [f"Nothing selected: {selection['reason']}.", ""]
     lines += ["## Jobs", "",
               "| model | checkpoint | method | ratio | repair | recovery | top-1 | before recovery | baseline | ONNX size | "
-              "p50 ms (batch) | gates | node | s |",
-              "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
+              "p50 ms (batch) | speed | gates | node | s |",
+              "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---|---|---|---:|"]
     for r in sorted(rows, key=lambda r: (r.model, r.checkpoint, r.repair, r.finetune, r.method, r.ratio)):
         lines.append(f"| {r.model} | {r.checkpoint.rsplit('/', 1)[-1]} | {r.method} | {r.ratio} | {r.repair} | "
                      f"{r.finetune} | {_fmt_pct(r.accuracy)} | "
                      f"{'' if r.accuracy_before_recovery is None else _fmt_pct(r.accuracy_before_recovery)} | "
                      f"{_fmt_pct(r.baseline_accuracy)} | {_fmt_size(r.size_bytes)} | "
-                     f"{r.latency_ms():.2f} ({r.latency_batch}) | {'pass' if r.passes(limits) else 'fail'} | "
+                     f"{r.latency_ms():.2f} ({r.latency_batch}) | {speed_cell(r.report.get('speed'))} | "
+                     f"{'pass' if r.passes(limits) else 'fail'} | "
                      f"{r.node['hostname']} | {r.seconds:.0f} |")
     return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ __all__ = [
     "Artifact", "OrtSettings", "available_backends", "onnx_artifact", "torch_artifact", "engine_artifact",
     "run_folder_artifacts",
     "count_params", "count_macs", "onnx_macs",
-    "LatencyProtocol", "LatencyStats", "time_artifact",
+    "LatencyProtocol", "LatencyStats", "time_artifact", "time_artifacts",
     "GateResult", "evaluate_gates",
 ]
 lazy_package(__name__, {
@@ -20,6 +20,6 @@ lazy_package(__name__, {
     **dict.fromkeys(["Artifact", "OrtSettings", "available_backends", "onnx_artifact", "torch_artifact",
                      "engine_artifact", "run_folder_artifacts"], ".artifacts"),
     **dict.fromkeys(["count_params", "count_macs", "onnx_macs"], ".complexity"),
-    **dict.fromkeys(["LatencyProtocol", "LatencyStats", "time_artifact"], ".latency"),
+    **dict.fromkeys(["LatencyProtocol", "LatencyStats", "time_artifact", "time_artifacts"], ".latency"),
     **dict.fromkeys(["GateResult", "evaluate_gates"], ".gates"),
 })

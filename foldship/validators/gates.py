@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 GATES = {
     "max_accuracy_drop": "baseline top-1 minus compressed top-1 (fraction), ONNX Runtime CPU",
     "min_agreement": "fraction of images where compressed and baseline agree on the top-1 class, ONNX Runtime CPU",
-    "min_speedup": "baseline p50 / compressed p50, ONNX Runtime CPU, largest batch",
+    "min_speedup": "baseline p50 / compressed p50, ONNX Runtime CPU, largest batch: the lower end of its interval "
+                   "over the interleaved blocks (the point estimate with fewer than 3 blocks)",
     "max_p99_ms": "compressed p99 latency in ms, ONNX Runtime CPU, smallest batch",
     "max_size_mb": "compressed ONNX file size in MB (10^6 bytes)",
 }

@@ -3,7 +3,8 @@
 ``foldship build`` calls it with the PyTorch modules and the ONNX files it exported;
 ``foldship validate`` with any pair of ONNX files (or a run folder's artifacts). Order:
 inference of every artifact on every backend it can run on (accuracy and parity come from the
-same outputs), then latency, each model in its own block, then the gates.
+same outputs), then latency, the artifacts of each backend taking turns block by block
+(``latency.interleave``), then the gates.
 """
 from __future__ import annotations
 
@@ -16,13 +17,21 @@ from .agreement import Tolerance, compare
 from .artifacts import (BACKENDS, OPT_IN_BACKENDS, ORT_OPTIMIZATION, Artifact, OrtSettings, RunOutputs,
                         available_backends, run_outputs)
 from .gates import evaluate_gates, summary
-from .latency import LatencyProtocol, LatencyStats, time_artifact
+from .latency import LatencyProtocol, LatencyStats, time_artifacts
+from .speed import measured_speedups, speed_summary, speedup_entries
 
 if TYPE_CHECKING:
     import torch
 
 PRIMARY = "onnxruntime-cpu"  # what ships and what the gates judge
 SIDES = ("baseline", "compressed")
+# How latency is taken and compared (report.json's latency_protocol; bench files say the same).
+INTERLEAVED_ORDER = ("per backend and batch, the models take turns block by block (trials blocks each, the order "
+                     "rotating every round: A B, B A, ...); min_runs and min_seconds are per model, split over its "
+                     "blocks; samples pool, each block keeps its p50")
+SPEEDUP_RULE = ("median over rounds of baseline block p50 / compressed block p50; interval: smallest and largest "
+                "per-round ratio (3+ rounds); an interval holding 1.0 is no measurable difference; min_speedup "
+                "judges the interval's lower end")
 
 
 @dataclass
@@ -38,7 +47,8 @@ class ValidationSettings:
         if not self.batches or any(int(b) < 1 for b in self.batches):
             raise BadInput(f"batches must be positive integers, got {self.batches}")
         if p.warmup < 0 or p.min_runs < 1 or p.max_runs < p.min_runs or p.trials < 1 or p.min_seconds < 0:
-            raise BadInput(f"latency protocol needs warmup >= 0, 1 <= min_runs <= max_runs, trials >= 1 and "
+            raise BadInput(f"latency protocol needs warmup >= 0, 1 <= min_runs <= max_runs, trials >= 1 (3 or more "
+                           f"for a speedup interval) and "
                            f"min_seconds >= 0; got warmup {p.warmup}, min_runs {p.min_runs}, max_runs {p.max_runs}, "
                            f"trials {p.trials}, min_seconds {p.min_seconds}")
         if p.threads < 0:
@@ -83,7 +93,7 @@ def validate(artifacts: list[Artifact], images: torch.Tensor, labels: torch.Tens
 
     ``artifacts`` must hold an ONNX artifact named "baseline" and one named "compressed" (the
     files that ship); PyTorch modules, FP16 variants and TensorRT engines are optional.
-    ``macs`` ({"baseline": n, "compressed": m}) relates the speedup to the MAC reduction;
+    ``macs`` ({"baseline": n, "compressed": m}) relates the speedup to the MAC reduction (``speed``);
     ``extra_measured`` adds values measured by earlier stages for gates in ``limits``.
     """
     from ..pipeline.progress import StageProgress
@@ -119,17 +129,15 @@ def validate(artifacts: list[Artifact], images: torch.Tensor, labels: torch.Tens
     sides = {side: _side(side, artifacts, entries, labels, num_classes, outputs) for side in SIDES}
     agreement = compare(outputs[main["compressed"].name, PRIMARY], outputs[main["baseline"].name, PRIMARY],
                         Tolerance.for_precisions(main["compressed"].precision, main["baseline"].precision))
-    speedup = {b: {k: sides["baseline"]["latency"][b][k]["p50_ms"] / sides["compressed"]["latency"][b][k]["p50_ms"]
-                   for k in sides["baseline"]["latency"][b] if k in sides["compressed"]["latency"].get(b, {})}
-               for b in sides["baseline"]["latency"]}
+    speedups = measured_speedups(sides["baseline"]["latency"], sides["compressed"]["latency"])
     largest, smallest = f"batch{max(settings.batches)}", f"batch{min(settings.batches)}"
     mac_ratio = macs["compressed"] / macs["baseline"] if macs and macs.get("baseline") else None
-    primary_speedup = speedup.get(PRIMARY, {}).get(largest)
+    primary_speedup = speedups.get(PRIMARY, {}).get(largest)
     compressed_primary = sides["compressed"]["latency"].get(PRIMARY, {})
     measured = {
         "accuracy_drop": sides["baseline"]["accuracy"] - sides["compressed"]["accuracy"],
         "agreement": agreement.top1_agreement,
-        "speedup": primary_speedup,
+        "speedup": primary_speedup.judged if primary_speedup else None,
         "p99_ms": compressed_primary[smallest]["p99_ms"] if smallest in compressed_primary else None,
         "size_mb": main["compressed"].size_bytes / 1e6,
     }
@@ -141,15 +149,16 @@ def validate(artifacts: list[Artifact], images: torch.Tensor, labels: torch.Tens
         "agreement": agreement.as_dict(),
         "onnx_parity": _onnx_parity(entries),
         "mac_ratio": mac_ratio,
-        "speedup": speedup,
-        "speedup_vs_mac_ratio": primary_speedup * mac_ratio if primary_speedup and mac_ratio else None,
+        **speedup_entries(speedups),
+        "speed": speed_summary(primary_speedup, PRIMARY, max(settings.batches), mac_ratio) if primary_speedup else None,
         "latency_protocol": asdict(settings.protocol) | {
             "threads": settings.protocol.resolved_threads(), "batches": list(settings.batches),
             "backends": [b for b in backends if any(b in a.backends(backends) for a in artifacts)],
             "onnxruntime": asdict(settings.ort),
-            "order": "each model timed in its own block (all batches of one backend, then the next); with "
-                     "trials > 1 the models alternate block by block and samples are pooled",
-            "peak_memory": "host resident memory added while loading and running one block (Linux VmHWM)",
+            "order": INTERLEAVED_ORDER,
+            "speedup": SPEEDUP_RULE,
+            "peak_memory": "host resident memory added while loading and running a model's first block "
+                           "(Linux VmHWM)",
         },
         "gates": summary(gates),
     }
@@ -205,22 +214,22 @@ def _timed_backends(artifact: Artifact, backends: list[str]) -> list[str]:
 
 def time_blocks(plan: list[tuple[Artifact, str]], input_shape: tuple[int, ...], settings: ValidationSettings,
                 progress=None) -> dict[str, dict[str, dict[str, LatencyStats]]]:
-    """Time each (artifact, backend) of ``plan`` at every batch size, one block each, in plan order;
-    with several trials the plan repeats and each measurement pools its trials' samples."""
+    """Time each (artifact, backend) of ``plan`` at every batch size: per backend and batch, the
+    artifacts on that backend take turns block by block (``latency.interleave``)."""
     from ..pipeline.progress import StageProgress
 
     progress = progress or StageProgress(quiet=True)
+    by_backend: dict[str, list[Artifact]] = {}
+    for artifact, backend in plan:
+        by_backend.setdefault(backend, []).append(artifact)
     latency: dict[str, dict[str, dict[str, LatencyStats]]] = {}
     total = len(plan) * len(settings.batches) * settings.protocol.trials
-    with progress.stage("time (own block per model)", total=total) as advance:
-        for _ in range(settings.protocol.trials):
-            for artifact, backend in plan:
-                for batch in settings.batches:
-                    stats = time_artifact(artifact, backend, input_shape, batch, settings.protocol, settings.ort)
-                    slot = latency.setdefault(artifact.name, {}).setdefault(backend, {})
-                    key = f"batch{batch}"
-                    slot[key] = slot[key].merged(stats) if key in slot else stats
-                    advance()
+    with progress.stage("time (interleaved blocks)", total=total) as advance:
+        for backend, artifacts in by_backend.items():
+            for batch in settings.batches:
+                timed = time_artifacts(artifacts, backend, input_shape, batch, settings.protocol, settings.ort, advance)
+                for name, stats in timed.items():
+                    latency.setdefault(name, {}).setdefault(backend, {})[f"batch{batch}"] = stats
     return latency
 
 
