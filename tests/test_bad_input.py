@@ -17,7 +17,7 @@ import yaml
 
 from foldship.models.checkpoint import read_state_dict
 
-from .conftest import CIFAR_JPEG, CIFAR_LOSSLESS, RESNET20, RESNET56, run_cli
+from .conftest import CIFAR_JPEG, CIFAR_LOSSLESS, RESNET20, RESNET56, invoke_cli, run_cli
 
 CASES: dict = {}
 
@@ -362,36 +362,41 @@ def snapshot(root: Path) -> dict[str, str]:
     return found
 
 
+# Cases that also run as a real ``python -m foldship`` process, beside those that need one (run options such
+# as a file size limit): the in-process CLI must answer them exactly as the process does.
+ALSO_IN_A_PROCESS = ("ratio_zero", "checkpoint_with_pickled_code")
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, request) -> dict:
-    """Every case through the CLI, two processes at a time (each spends seconds importing torch).
+    """Every case through the CLI: in this process, and in a real process where the case needs one.
 
-    Per case: the CLI result and snapshots of its folder before and after, or why it was skipped.
+    Per case: the CLI result and snapshots of its folder before and after, or why it was skipped; for the
+    cases in ALSO_IN_A_PROCESS, "<name>@process" holds the same for a second, real process run.
     """
     prepared = {}
     for name, (make_args, _) in CASES.items():
-        root = tmp_path_factory.mktemp(name)
-        inputs = Inputs(root / "inputs", request)
-        inputs.root.mkdir()
-        try:
-            args = make_args(inputs)
-        except pytest.skip.Exception as exc:
-            prepared[name] = exc.msg
-            continue
-        # A case's own --out comes last and wins.
-        command = ("build", "--out", str(root / "runs" / "out"), "--quiet", *args)
-        prepared[name] = (root, command, inputs.run_options, snapshot(root))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        running = {name: pool.submit(run_cli, *p[1], **p[2]) for name, p in prepared.items() if isinstance(p, tuple)}
-    return {name: (p if isinstance(p, str) else (running[name].result(), p[3], snapshot(p[0])))
-            for name, p in prepared.items()}
+        for key in (name, f"{name}@process") if name in ALSO_IN_A_PROCESS else (name,):
+            root = tmp_path_factory.mktemp(key.replace("@", "_"))
+            inputs = Inputs(root / "inputs", request)
+            inputs.root.mkdir()
+            try:
+                args = make_args(inputs)
+            except pytest.skip.Exception as exc:
+                prepared[key] = exc.msg
+                continue
+            # A case's own --out comes last and wins.
+            command = ("build", "--out", str(root / "runs" / "out"), "--quiet", *args)
+            prepared[key] = (root, command, inputs.run_options, snapshot(root))
+    in_a_process = {key for key, p in prepared.items() if isinstance(p, tuple) and (p[2] or key.endswith("@process"))}
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the processes start while this one runs the other cases
+        running = {key: pool.submit(run_cli, *prepared[key][1], **prepared[key][2]) for key in sorted(in_a_process)}
+        results = {key: invoke_cli(*p[1]) for key, p in prepared.items() if isinstance(p, tuple) and key not in running}
+        results.update({key: future.result() for key, future in running.items()})
+    return {key: (p if isinstance(p, str) else (results[key], p[3], snapshot(p[0]))) for key, p in prepared.items()}
 
 
-def test_the_matrix_is_large():
-    assert len(CASES) >= 20
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(CASES) + [f"{name}@process" for name in ALSO_IN_A_PROCESS])
 def test_bad_input_exits_2_with_one_line_and_leaves_nothing(outcomes, name):
     if isinstance(outcomes[name], str):
         pytest.skip(outcomes[name])
@@ -399,18 +404,28 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(outcomes, name):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for text in CASES[name][1]:
+    for text in CASES[name.split("@")[0]][1]:
         assert text in lines[0]
     assert result.stdout == ""
     assert after == before
+
+
+@pytest.mark.parametrize("name", ALSO_IN_A_PROCESS)
+def test_the_cli_in_this_process_answers_as_the_real_process(outcomes, name):
+    """The matrix runs most cases in this process to spare ~6 s of imports each; a real process must agree."""
+    here, there = outcomes[name][0], outcomes[f"{name}@process"][0]
+    scratch = str(Path(outcomes[name][0].args[3]).parents[1])  # each run has its own scratch folder
+    scratch_there = str(Path(there.args[5]).parents[1])
+    assert (here.returncode, here.stdout) == (there.returncode, there.stdout)
+    assert here.stderr.replace(scratch, "ROOT") == there.stderr.replace(scratch_there, "ROOT")
 
 
 def test_trusted_pickle_runs_only_after_a_warning(tmp_path):
     """The other side of checkpoint_with_pickled_code: --trust-checkpoint does run the pickle, and says so first."""
     marker = tmp_path / "pwned"
     torch.save({"state_dict": _WritesAFile(str(marker))}, tmp_path / "evil.pt")
-    result = run_cli("build", "--checkpoint", str(tmp_path / "evil.pt"), "--trust-checkpoint", "--out",
-                     str(tmp_path / "out"), "--quiet")
+    result = invoke_cli("build", "--checkpoint", str(tmp_path / "evil.pt"), "--trust-checkpoint", "--out",
+                        str(tmp_path / "out"), "--quiet")
     warning, error = result.stderr.strip().splitlines()
     assert warning.startswith("warning: --trust-checkpoint") and "runs any code inside it" in warning
     assert result.returncode == 2 and "does not hold a state dict of tensors" in error
