@@ -178,12 +178,14 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
 
     The exit status is the code the CLI exits with (1 with a traceback for an uncaught exception, as Python
     does); stdout and stderr are captured. The process-wide state the CLI sets (the SIGTERM handler, the working
-    folder) is put back afterwards. Tests about the process itself (signals, resource limits) use ``run_cli``.
+    folder, PyTorch's thread count) is put back afterwards. Tests about the process itself (signals, resource limits) use ``run_cli``.
     """
     from foldship.cli import app
 
+    import torch
+
     stdout, stderr = io.StringIO(), io.StringIO()
-    handler, cwd = signal.getsignal(signal.SIGTERM), os.getcwd()
+    handler, cwd, threads = signal.getsignal(signal.SIGTERM), os.getcwd(), torch.get_num_threads()
     os.chdir(ROOT)
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -198,6 +200,7 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     finally:
         os.chdir(cwd)
         signal.signal(signal.SIGTERM, handler)
+        torch.set_num_threads(threads)  # --threads sets PyTorch's process-wide pool
     # Colour codes appear only if the CLI was first imported with a terminal on stderr (pytest -s).
     return subprocess.CompletedProcess(["foldship", *args], code, ANSI_ESCAPE.sub("", stdout.getvalue()),
                                        ANSI_ESCAPE.sub("", stderr.getvalue()))

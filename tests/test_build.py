@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from .conftest import CIFAR_LOSSLESS, RESNET20, run_cli, write_config
+from .conftest import CIFAR_LOSSLESS, RESNET20, invoke_cli, run_cli, write_config
 
 FAST = {"batches": [1, 64], "latency_min_seconds": 0.05, "limit": 1000}
 
@@ -63,7 +63,7 @@ def test_report_schema_and_real_numbers(demo_run):
 
 def test_failed_gate_exits_3_and_names_it(tmp_path, fast_config):
     out = tmp_path / "gated"
-    result = run_cli("build", "--config", str(fast_config), "--out", str(out), "--quiet", "--ratio", "0.7",
+    result = invoke_cli("build", "--config", str(fast_config), "--out", str(out), "--quiet", "--ratio", "0.7",
                      "--method", "prune-l2", "--exporter", "legacy", "--max-accuracy-drop", "0.001")
     assert result.returncode == 3, result.stderr
     assert "max_accuracy_drop" in result.stderr
@@ -82,7 +82,7 @@ def test_failed_gate_exits_3_and_names_it(tmp_path, fast_config):
 ])
 def test_bad_input_exits_2_and_leaves_nothing(tmp_path, args, message):
     out = tmp_path / "runs" / "bad"
-    result = run_cli("build", "--out", str(out), "--quiet", *args)
+    result = invoke_cli("build", "--out", str(out), "--quiet", *args)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -93,7 +93,7 @@ def test_existing_output_folder_is_refused(tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    result = run_cli("build", "--out", str(out), "--quiet")
+    result = invoke_cli("build", "--out", str(out), "--quiet")
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "precious"
 
@@ -104,6 +104,6 @@ def test_wrong_label_range_is_refused(tmp_path):
     data = np.load(CIFAR_LOSSLESS)
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=data["x"][:10], y=data["y"][:10] + 20)
-    result = run_cli("build", "--data", str(bad), "--checkpoint", str(RESNET20), "--out", str(tmp_path / "o"), "--quiet")
+    result = invoke_cli("build", "--data", str(bad), "--checkpoint", str(RESNET20), "--out", str(tmp_path / "o"), "--quiet")
     assert result.returncode == 2 and "labels in [" in result.stderr
     assert not (tmp_path / "o").exists()

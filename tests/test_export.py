@@ -13,7 +13,7 @@ from foldship.exporters import ExportOptions, export_model, export_onnx
 from foldship.models.registry import Preprocessing, sha256_of
 from foldship.validators import evaluate_onnx, evaluate_torch
 
-from .conftest import CIFAR_LOSSLESS, RESNET20, randomise_bn, run_cli
+from .conftest import CIFAR_LOSSLESS, RESNET20, randomise_bn, invoke_cli
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def two_fp16_builds(tmp_path_factory):
                                       "latency_warmup": 1, "latency_min_runs": 2}))
     runs = [root / "first", root / "second"]
     for out in runs:
-        result = run_cli("build", "--config", str(config), "--out", str(out), "--quiet")
+        result = invoke_cli("build", "--config", str(config), "--out", str(out), "--quiet")
         assert result.returncode == 0, result.stderr
     return runs
 
@@ -117,7 +117,7 @@ def test_two_builds_write_identical_onnx_files(two_fp16_builds):
 
 def test_export_command_writes_the_bytes_the_build_wrote(tmp_path, two_fp16_builds):
     out = tmp_path / "alone"
-    result = run_cli("export", "--model", "cifar_resnet20", "--checkpoint", str(RESNET20), "--limit", "64",
+    result = invoke_cli("export", "--model", "cifar_resnet20", "--checkpoint", str(RESNET20), "--limit", "64",
                      "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
@@ -129,7 +129,7 @@ def test_export_command_writes_the_bytes_the_build_wrote(tmp_path, two_fp16_buil
 def test_export_command_reships_a_run_folder(tmp_path, two_fp16_builds):
     run = two_fp16_builds[0]
     out = tmp_path / "exported"
-    result = run_cli("export", "--run", str(run), "--out", str(out), "--shrinker", "onnxsim", "--limit", "64",
+    result = invoke_cli("export", "--run", str(run), "--out", str(out), "--shrinker", "onnxsim", "--limit", "64",
                      "--quiet")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["baseline.onnx", "compressed.onnx", "export.json"]

@@ -8,7 +8,7 @@ from foldship.errors import BadInput
 from foldship.pipeline.config import load_config
 from foldship.validators.gates import GATES, check_limits, evaluate_gates
 
-from .conftest import run_cli, write_config
+from .conftest import invoke_cli, write_config
 
 QUICK = {"latency_min_seconds": 0.0, "latency_min_runs": 3, "latency_warmup": 1, "limit": 300, "batches": [1, 16],
          "exporter": "legacy", "shrinker": "none",
@@ -24,7 +24,7 @@ def quick_config(tmp_path_factory):
 def gated_run(tmp_path_factory, quick_config):
     """Ratio 0.7 with a 0.1-point accuracy budget: must fail; the generous gates beside it must pass."""
     out = tmp_path_factory.mktemp("runs") / "gated"
-    result = run_cli("build", "--config", str(quick_config), "--out", str(out), "--quiet", "--ratio", "0.7",
+    result = invoke_cli("build", "--config", str(quick_config), "--out", str(out), "--quiet", "--ratio", "0.7",
                      "--method", "prune-l2", "--max-accuracy-drop", "0.001", "--min-agreement", "0.99",
                      "--min-speedup", "0.01", "--max-p99-ms", "100000", "--max-size-mb", "100")
     return result, out
@@ -55,7 +55,7 @@ def test_failing_gates_exit_3_and_are_named(gated_run):
 def test_passing_gates_exit_0(gated_run, tmp_path):
     _, run = gated_run
     out = tmp_path / "revalidated"
-    result = run_cli("validate", str(run), "--out", str(out), "--quiet", "--limit", "300", "--batch", "16",
+    result = invoke_cli("validate", str(run), "--out", str(out), "--quiet", "--limit", "300", "--batch", "16",
                      "--min-seconds", "0", "--threads", "1", "--max-accuracy-drop", "0.9", "--min-agreement", "0.01",
                      "--max-size-mb", "100")
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,7 @@ from foldship.pipeline.report import budget_lines, run_title, speed_cell, write_
 from foldship.pipeline.validate import validate_artifacts
 from foldship.validators import count_macs, onnx_macs
 
-from .conftest import CIFAR_LOSSLESS, run_cli
+from .conftest import CIFAR_LOSSLESS, invoke_cli
 
 QUICK = dict(latency_min_seconds=0.0, latency_min_runs=6, latency_warmup=1, limit=300, batches=[1, 16], threads=1,
              latency_trials=3)
@@ -145,7 +145,7 @@ def test_plots_are_real_small_pngs(validated, tmp_path):
 def test_bench_times_one_onnx_file(onnx_files, tmp_path):
     folder, _ = onnx_files
     out = tmp_path / "bench.json"
-    result = run_cli("bench", str(folder / "pruned0.6.onnx"), "--batch", "8", "--min-seconds", "0", "--threads", "1",
+    result = invoke_cli("bench", str(folder / "pruned0.6.onnx"), "--batch", "8", "--min-seconds", "0", "--threads", "1",
                      "--json", str(out))
     assert result.returncode == 0, result.stderr
     assert "onnxruntime-cpu" in result.stdout

@@ -14,7 +14,7 @@ from foldship.exporters.trt_engine import engine_source, layer_precision
 from foldship.pipeline.config import load_config
 from foldship.validators import evaluate_onnx
 
-from .conftest import run_cli
+from .conftest import invoke_cli
 
 TENSORRT_INSTALLED = importlib.util.find_spec("tensorrt") is not None
 
@@ -84,7 +84,7 @@ def test_export_settings_are_validated(overrides, message):
 @pytest.mark.parametrize("command", ["build", "export"])
 def test_missing_tensorrt_exits_2_with_one_line_and_writes_nothing(tmp_path, command):
     out = tmp_path / "runs" / "engines"
-    result = run_cli(command, "--target", "tensorrt", "--precision", "fp16", "--out", str(out), "--quiet")
+    result = invoke_cli(command, "--target", "tensorrt", "--precision", "fp16", "--out", str(out), "--quiet")
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "--target tensorrt needs TensorRT" in result.stderr and "pip install 'foldship[trt]'" in result.stderr

@@ -21,7 +21,7 @@ from foldship.models.checkpoint import read_state_dict
 from foldship.pipeline.config import load_config
 from foldship.validators import count_params, evaluate_torch
 
-from .conftest import RESNET20, ROOT, run_cli, write_config
+from .conftest import RESNET20, ROOT, invoke_cli, write_config
 from .user_models.resnet_cifar import resnet20 as users_resnet20
 
 USER_FILE = "tests/user_models/resnet_cifar.py"
@@ -55,7 +55,7 @@ def _groups(report):
 def test_users_own_code_builds_from_its_file(tmp_path_factory, registry_fold):
     out = tmp_path_factory.mktemp("user") / "run"
     config = write_config(tmp_path_factory, FAST | FOLD)
-    result = run_cli("build", "--config", str(config), "--model", f"{USER_FILE}:resnet20", "--checkpoint",
+    result = invoke_cli("build", "--config", str(config), "--model", f"{USER_FILE}:resnet20", "--checkpoint",
                      str(RESNET20), "--input-shape", "3,32,32", "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
