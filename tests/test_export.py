@@ -61,8 +61,9 @@ def _zoo_model(name, request, cifar_eval):
     if name == "folded_resnet56":
         return request.getfixturevalue("folded_resnet56"), cifar_eval.x
     torch.manual_seed(0)
-    if name == "vit_b_16":  # vit_b_16's layers and widths; 32x32 images give 2x2 patches of 16
-        model = torchvision.models.vit_b_16(image_size=32).eval()
+    if name == "vit_b_16":  # vit_b_16's widths and heads, 2 of its 12 layers; 32x32 images give 2x2 patches of 16
+        model = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=12,
+                                                     hidden_dim=768, mlp_dim=3072).eval()
         torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-initialises the head
         return model, cifar_eval.x[:32]
     model = randomise_bn(getattr(torchvision.models, name)())  # default BN statistics make mobilenet output ~1e-9
