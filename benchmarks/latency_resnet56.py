@@ -134,7 +134,7 @@ def main() -> None:
               f"{b64['baseline_p50_ms']:.1f} -> {b64['compressed_p50_ms']:.1f} ms | {s64['value']:.2f}x "
               f"({s64['low']:.2f}-{s64['high']:.2f}) | **{100 * b64['realised_share']:.0f} %** | {s1['value']:.2f}x |")
     for name, why in refused.items():
-        print(f"| not built | {name} | {BUILDS[name][1]} | | | | | | ({why})")
+        print(f"| not built | {name} | round_to {BUILDS[name][1]} | | | | | {why} |")
     result = {
         "refused": refused,
         "builds": {name: {k: report.get(k) for k in ("mac_ratio", "speedup", "speedup_interval", "speed", "width_rule",

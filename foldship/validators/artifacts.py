@@ -228,9 +228,8 @@ def run_outputs(runner, images: torch.Tensor | np.ndarray, batch: int = 50) -> R
     """Run ``runner`` over ``images`` in batches with Polygraphy's ``Comparator.run``.
 
     Inputs are cast to the runner's input type, so a graph with FP16 inputs gets FP16 images.
-    Batches of 50 keep activations cache-sized: EfficientNet-Lite0 at 224 px costs 30-40 % less CPU
-    time per image than in batches of 250, in PyTorch and ONNX Runtime alike, with bit-identical
-    logits (docs/speed.md).
+    Batches of 50 keep activations cache-sized (less CPU time per image than large batches, with
+    bit-identical logits).
     """
     from polygraphy.comparator import Comparator
     from polygraphy.exception import PolygraphyException
