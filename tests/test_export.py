@@ -84,7 +84,7 @@ def test_shipped_onnx_is_checked_bn_free_and_matches_pytorch(tmp_path, request, 
     ours, theirs = evaluate_onnx(exported.onnx.path, inputs), evaluate_torch(model, inputs)
     assert np.abs(ours.logits - theirs.logits).max() < 1e-4 and np.abs(theirs.logits).max() > 1e-3
     assert (ours.top1 == theirs.top1).all()
-    if name == "folded_resnet56":
+    if name == "folded_resnet56":  # ResNet-56: a stem and 27 blocks x 2 convolutions, each followed by BN
         assert len(inputs) == 1000 and exported.fusion.summary()["fused_pairs"] == 55
 
 
