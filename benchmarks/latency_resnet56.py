@@ -28,7 +28,7 @@ from foldship.errors import BadInput
 from foldship.pipeline.build import build
 from foldship.pipeline.config import SHARED_DATA, load_config
 from foldship.pipeline.environment import fingerprint, keep_freed_memory
-from foldship.pipeline.progress import StageProgress
+from foldship.progress import StageProgress
 from foldship.pipeline.report import load_run
 from foldship.validators import LatencyProtocol, OrtSettings, onnx_artifact, onnx_macs
 from foldship.validators.latency import time_artifacts

@@ -24,7 +24,7 @@ from pathlib import Path
 from foldship.pipeline.build import build
 from foldship.pipeline.config import SHARED_DATA, load_config
 from foldship.pipeline.environment import fingerprint
-from foldship.pipeline.progress import StageProgress
+from foldship.progress import StageProgress
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "efficientnet_lite0_imagenet.yaml"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from foldship.pipeline.environment import fingerprint, keep_freed_memory
-from foldship.pipeline.progress import StageProgress
+from foldship.progress import StageProgress
 
 BLOCK_KIB = 64 * 1024  # a 64 MiB block, the size of one EfficientNet-Lite0 activation at batch 32
 

@@ -23,7 +23,7 @@ from ..validators.accuracy import classification_scores, evaluate_torch
 from ..validators.stage import validate
 from .config import BuildConfig
 from .environment import fingerprint, keep_freed_memory
-from .progress import StageProgress
+from ..progress import StageProgress
 from .report import write_report
 from .run_folder import RunFolder
 from .sources import check_conversion, check_repair, export_baseline, given_model

@@ -18,7 +18,7 @@ from ..validators import evaluate_gates
 from .build import BuildOutcome, load_from_config
 from .config import BuildConfig
 from .environment import fingerprint
-from .progress import StageProgress
+from ..progress import StageProgress
 from .run_folder import RunFolder
 
 RUN_FOLDER_MODELS = ("baseline", "compressed")

@@ -26,7 +26,7 @@ from ..validators.latency import LatencyProtocol
 from ..validators.speed import measured_speedups, recorded_speedup, speedup_entries
 from ..validators.stage import INTERLEAVED_ORDER, SPEEDUP_RULE, ValidationSettings, select_backends, time_blocks
 from .environment import fingerprint
-from .progress import StageProgress
+from ..progress import StageProgress
 from .report import load_run, render_markdown, run_title
 from .run_folder import RunFolder
 

@@ -22,7 +22,7 @@ from ..validators.stage import select_backends, time_blocks, validate
 from .build import BuildOutcome
 from .config import BuildConfig
 from .environment import fingerprint
-from .progress import StageProgress
+from ..progress import StageProgress
 from .report import load_run, write_report, write_sweep
 from .run_folder import RunFolder
 

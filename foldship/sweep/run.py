@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import BadInput
 from ..pipeline.environment import fingerprint
-from ..pipeline.progress import StageProgress
+from ..progress import StageProgress
 from ..pipeline.report import _write_text
 from .executors import JobSpec, execute, plan
 from .grid import SweepConfig, check_sweep

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..pipeline.build import BuildOutcome, build
-from ..pipeline.progress import StageProgress
+from ..progress import StageProgress
 from .grid import SweepConfig
 from .store import Row
 

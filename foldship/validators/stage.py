@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ..errors import BadInput
 from .accuracy import Predictions, classification_scores
 from .agreement import Tolerance, compare
+from ..progress import StageProgress
 from .artifacts import (BACKENDS, OPT_IN_BACKENDS, ORT_OPTIMIZATION, Artifact, OrtSettings, RunOutputs,
                         available_backends, run_outputs)
 from .gates import evaluate_gates, summary
@@ -96,8 +97,6 @@ def validate(artifacts: list[Artifact], images: torch.Tensor, labels: torch.Tens
     ``macs`` ({"baseline": n, "compressed": m}) relates the speedup to the MAC reduction (``speed``);
     ``extra_measured`` adds values measured by earlier stages for gates in ``limits``.
     """
-    from ..pipeline.progress import StageProgress
-
     progress = progress or StageProgress(quiet=True)
     settings.validate()
     # Report order: each side's ONNX file, its PyTorch module, then variants and engines.
@@ -216,8 +215,6 @@ def time_blocks(plan: list[tuple[Artifact, str]], input_shape: tuple[int, ...], 
                 progress=None) -> dict[str, dict[str, dict[str, LatencyStats]]]:
     """Time each (artifact, backend) of ``plan`` at every batch size: per backend and batch, the
     artifacts on that backend take turns block by block (``latency.interleave``)."""
-    from ..pipeline.progress import StageProgress
-
     progress = progress or StageProgress(quiet=True)
     by_backend: dict[str, list[Artifact]] = {}
     for artifact, backend in plan:
