@@ -28,8 +28,8 @@ from foldship.errors import BadInput
 from foldship.pipeline.build import build
 from foldship.pipeline.config import SHARED_DATA, load_config
 from foldship.pipeline.environment import fingerprint, keep_freed_memory
-from foldship.progress import StageProgress
 from foldship.pipeline.report import load_run
+from foldship.progress import StageProgress
 from foldship.validators import LatencyProtocol, OrtSettings, onnx_artifact, onnx_macs
 from foldship.validators.latency import time_artifacts
 from foldship.validators.speed import Speedup, realised_share, speed_sentence
@@ -37,7 +37,8 @@ from foldship.validators.speed import Speedup, realised_share, speed_sentence
 CHECKPOINT = SHARED_DATA / "checkpoints/cifar10_resnet_akamaster/resnet56-4bfd9763.th"
 # name: (groups, round_to). A configuration the engine refuses (all-auto on AVX-512: the 16-wide
 # stream's pass-through clusters leave no room) is printed as not built and left out of the timing.
-BUILDS = {"all-raw": ("all", 1), "all-auto": ("all", "auto"), "inner-raw": ("inner", 1), "inner-auto": ("inner", "auto")}
+BUILDS = {"all-raw": ("all", 1), "all-auto": ("all", "auto"),
+          "inner-raw": ("inner", 1), "inner-auto": ("inner", "auto")}
 BATCHES = (1, 64)
 # (label, intra-op threads, graph optimization level, spinning, clock); the first is the build's default.
 # The "cpu" clock times the one compute thread's CPU time: on a busy shared machine it shows what

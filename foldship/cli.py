@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import BadInput, FoldshipError
+from .progress import StageProgress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Compress trained PyTorch models by folding or pruning channels, export them to ONNX "
@@ -174,7 +175,6 @@ def build(
     def body():
         from .pipeline.build import build as run_build
         from .pipeline.config import load_config
-        from .progress import StageProgress
 
         cfg = load_config(config, model=model, checkpoint=checkpoint, method=method, ratio=ratio, groups=groups,
                           repair=repair, calibration_data=calibration_data, finetune=finetune,
@@ -252,7 +252,6 @@ def sweep(
     """
     def body():
         from .errors import GateFailed
-        from .progress import StageProgress
         from .sweep import load_sweep_config, run_sweep
 
         cfg = load_sweep_config(config, model=model, checkpoint=checkpoint or None, method=method or None,
@@ -341,7 +340,6 @@ def validate(
             _exit_on_failed_gates(report, folder)
             return
         from .pipeline.config import load_config
-        from .progress import StageProgress
         from .pipeline.validate import is_sweep, sweep, validate_artifacts
 
         if is_sweep(artifacts):
@@ -398,7 +396,6 @@ def bench(
         shape = _floats(input_shape, "--input-shape")
         shape = tuple(int(v) for v in shape) if shape else None
         if artifact.is_dir():
-            from .progress import StageProgress
             from .pipeline.targets import bench_run
 
             result = bench_run(artifact, name, None if batch is None else [1, batch], threads or 0, min_seconds,
@@ -409,7 +406,6 @@ def bench(
                 _print_bench_run(result, json_out)
             return
         from .pipeline.config import load_config
-        from .progress import StageProgress
         from .pipeline.validate import bench as run_bench
 
         cfg = load_config(None, batches=None if batch is None else [1, batch], threads=threads, latency_trials=trials,
@@ -453,7 +449,6 @@ def export(
         from .errors import BadInput
         from .pipeline.config import load_config
         from .pipeline.export import export as run_export
-        from .progress import StageProgress
 
         if run is not None and (model or checkpoint):
             raise BadInput("give either --run (a run folder) or --model/--checkpoint, not both")

@@ -1,14 +1,14 @@
 """Budgeted compression: per-group widths that meet a MAC or latency target, chosen without labels.
 
 A uniform ratio removes the same fraction from every group, and compact models break under it
-(docs/budget.md). Here each group gets its own
-width instead, from a measured, label-free sensitivity: every group is compressed alone (the
-planned method, every other group whole) to 3/4, 1/2 and 1/4 of its width, aligned to
-``round_to``, and the damage is how far the model's outputs move on a fixed probe batch, the mean
-KL divergence of the compressed model's softmax from the uncompressed one's. The probe is seeded
-smooth noise in the model's normalised input space (no images, no labels), or unlabelled
-calibration images when the caller passes them (never the evaluation images). Output damage,
-unlike a weight-error heuristic, tells which groups a compact model can lose.
+(docs/budget.md). Here each group gets its own width instead, from a measured, label-free
+sensitivity: every group is compressed alone (the planned method, every other group whole) to 3/4,
+1/2 and 1/4 of its width, aligned to ``round_to``, and the damage is how far the model's outputs
+move on a fixed probe batch, the mean KL divergence of the compressed model's softmax from the
+uncompressed one's. The probe is seeded smooth noise in the model's normalised input space (no
+images, no labels), or unlabelled calibration images when the caller passes them (never the
+evaluation images). Output damage, unlike a weight-error heuristic, tells which groups a compact
+model can lose.
 
 Widths are then allocated greedily: the step that removes one aligned block (``round_to``
 channels; by default the kernel block of the target, ``widths.width_rule``, so the saving shows
@@ -22,8 +22,7 @@ stand in for the other are each free to narrow alone, not both). So planning tak
 The first allocates half the MAC cut (FIRST_PASS_SHARE) from the damages alone. The second
 compresses the model to those widths, measures every group again from its first-pass width, with
 all other groups held at theirs (the damage it adds to the first-pass model's), and allocates the
-rest of the cut from there (docs/budget.md); the survey costs about twice
-as long.
+rest of the cut from there (docs/budget.md); the survey costs about twice as long.
 
 A latency target is met by planning for a MAC target, timing the planned architecture's ONNX
 export on ONNX Runtime CPU against the baseline on this machine, and correcting the MAC target

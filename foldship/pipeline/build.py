@@ -18,12 +18,12 @@ from ..data.presets import resolve_preprocessing
 from ..exporters import export_model, export_report
 from ..models.registry import LoadedModel, check_forward, load_model
 from ..models.saved import SPEC_NAME, NotDescribable, save_compressed
+from ..progress import StageProgress
 from ..validators import count_macs, count_params, run_folder_artifacts, torch_artifact
 from ..validators.accuracy import classification_scores, evaluate_torch
 from ..validators.stage import validate
 from .config import BuildConfig
 from .environment import fingerprint, keep_freed_memory
-from ..progress import StageProgress
 from .report import write_report
 from .run_folder import RunFolder
 from .sources import check_conversion, check_repair, export_baseline, given_model

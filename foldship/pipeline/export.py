@@ -14,11 +14,11 @@ from ..data import load_images
 from ..errors import BadInput
 from ..exporters import describe_onnx, export_model, export_report, ship_onnx
 from ..models.registry import Preprocessing
+from ..progress import StageProgress
 from ..validators import evaluate_gates
 from .build import BuildOutcome, load_from_config
 from .config import BuildConfig
 from .environment import fingerprint
-from ..progress import StageProgress
 from .run_folder import RunFolder
 
 RUN_FOLDER_MODELS = ("baseline", "compressed")

@@ -20,13 +20,13 @@ from pathlib import Path
 
 from ..errors import BadInput
 from ..models.digest import sha256_of
+from ..progress import StageProgress
 from ..validators.artifacts import ORT_BACKENDS, Artifact, OrtSettings, onnx_backends, onnx_session
 from ..validators.gates import GATES, check_limits, evaluate_gates
 from ..validators.latency import LatencyProtocol
 from ..validators.speed import measured_speedups, recorded_speedup, speedup_entries
 from ..validators.stage import INTERLEAVED_ORDER, SPEEDUP_RULE, ValidationSettings, select_backends, time_blocks
 from .environment import fingerprint
-from ..progress import StageProgress
 from .report import load_run, render_markdown, run_title
 from .run_folder import RunFolder
 

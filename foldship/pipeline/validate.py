@@ -16,13 +16,13 @@ from pathlib import Path
 from ..data import load_images
 from ..errors import BadInput
 from ..models.registry import Preprocessing
+from ..progress import StageProgress
 from ..validators import engine_artifact, onnx_artifact, onnx_macs, run_folder_artifacts
 from ..validators.artifacts import ENGINE_SUFFIXES, Artifact, available_backends
 from ..validators.stage import select_backends, time_blocks, validate
 from .build import BuildOutcome
 from .config import BuildConfig
 from .environment import fingerprint
-from ..progress import StageProgress
 from .report import load_run, write_report, write_sweep
 from .run_folder import RunFolder
 

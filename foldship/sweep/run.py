@@ -17,8 +17,8 @@ import numpy as np
 
 from ..errors import BadInput
 from ..pipeline.environment import fingerprint
-from ..progress import StageProgress
 from ..pipeline.report import _write_text
+from ..progress import StageProgress
 from .executors import JobSpec, execute, plan
 from .grid import SweepConfig, check_sweep
 from .plots import plot_accuracy_vs_ratio, plot_pareto
