@@ -26,7 +26,7 @@ from foldship.data import load_images
 from foldship.errors import FoldshipError
 from foldship.exporters import ExportOptions, export_model
 from foldship.models import load_model
-from foldship.models.registry import Preprocessing
+from foldship.models.spec import Preprocessing
 from foldship.pipeline.config import SHARED_DATA
 from foldship.pipeline.environment import fingerprint
 

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         return 0
     # Imported after the GPU check: a machine without a GPU learns so in a second.
     from foldship.data import load_images
-    from foldship.models.registry import Preprocessing
+    from foldship.models.spec import Preprocessing
     from foldship.pipeline.config import SHARED_DATA
     from foldship.pipeline.environment import fingerprint
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from foldship.data import load_images
 from foldship.models import load_model
-from foldship.models.registry import Preprocessing
+from foldship.models.spec import Preprocessing
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FOLDSHIP_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -14,7 +14,7 @@ from foldship.compress.distill import (PAD_SHARE, WARMUP_SHARE, DistillSettings,
                                        learning_rate)
 from foldship.data import calibration_images
 from foldship.errors import BadInput
-from foldship.models.registry import Preprocessing
+from foldship.models.spec import Preprocessing
 from foldship.pipeline.build import build
 from foldship.pipeline.config import load_config
 from foldship.pipeline.report import summary_rows

@@ -410,7 +410,7 @@ def test_planted_near_copies_are_dropped_and_distinct_lookalikes_kept(tmp_path):
     from PIL import Image
 
     from foldship.data import calibration_images, load_images
-    from foldship.models.registry import Preprocessing
+    from foldship.models.spec import Preprocessing
 
     from .conftest import CIFAR_JPEG, CIFAR_LOSSLESS
 
@@ -443,7 +443,7 @@ def test_cifar_calibration_drops_exactly_the_jpeg_copies_of_the_evaluated_images
     import numpy as np
 
     from foldship.data.datasets import near_duplicates, read_raw
-    from foldship.models.registry import Preprocessing
+    from foldship.models.spec import Preprocessing
 
     from .conftest import CIFAR_JPEG, CIFAR_LOSSLESS
 
@@ -463,7 +463,7 @@ def test_cifar_calibration_drops_exactly_the_jpeg_copies_of_the_evaluated_images
 def test_calibrating_on_the_imagenet_folder_leaves_exactly_the_images_not_evaluated():
     from foldship.data import calibration_images, load_images
     from foldship.data.datasets import normalise, read_raw
-    from foldship.models.registry import Preprocessing
+    from foldship.models.spec import Preprocessing
 
     from .conftest import SHARED
 

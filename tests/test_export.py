@@ -10,7 +10,8 @@ from foldship.compress import compress
 from foldship.data import load_images
 from foldship.errors import BadInput
 from foldship.exporters import ExportOptions, export_model, export_onnx
-from foldship.models.registry import Preprocessing, sha256_of
+from foldship.models.digest import sha256_of
+from foldship.models.spec import Preprocessing
 from foldship.validators import evaluate_onnx, evaluate_torch
 
 from .conftest import CIFAR_LOSSLESS, RESNET20, randomise_bn, invoke_cli

@@ -17,7 +17,8 @@ from foldship.data.presets import resolve_preprocessing
 from foldship.errors import BadInput
 from foldship.exporters.verify import onnx_logits
 from foldship.models import load_model
-from foldship.models.registry import Preprocessing, sha256_of
+from foldship.models.digest import sha256_of
+from foldship.models.spec import Preprocessing
 from foldship.pipeline.config import load_config
 
 from .conftest import SHARED

@@ -10,7 +10,7 @@ from foldship.data import load_images
 from foldship.data.cache import CACHE_ENV
 from foldship.data.presets import PRESETS, resolve_preprocessing
 from foldship.errors import BadInput
-from foldship.models.registry import Preprocessing
+from foldship.models.spec import Preprocessing
 from foldship.models.timm_models import timm_spec
 
 from .conftest import SHARED

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput
-from ..models.registry import Preprocessing
+from ..models.spec import Preprocessing
 from .cache import cache_key, read_cached, write_cached
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import BadInput
-from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from ..models.spec import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # torchvision's modes

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
-from ..models.registry import sha256_of
+from ..models.digest import sha256_of
 from .verify import ExportFailed
 
 PRECISIONS = ("fp32", "fp16")

@@ -8,6 +8,7 @@ from .._lazy import lazy_package
 
 __all__ = ["LoadedModel", "Preprocessing", "load_model", "model_spec", "wrap_module", "load_compressed",
            "save_compressed"]
-lazy_package(__name__, {**dict.fromkeys(["LoadedModel", "Preprocessing", "load_model", "model_spec"], ".registry"),
+lazy_package(__name__, {**dict.fromkeys(["LoadedModel", "Preprocessing"], ".spec"),
+                        **dict.fromkeys(["load_model", "model_spec"], ".registry"),
                         "wrap_module": ".user_code",
                         **dict.fromkeys(["load_compressed", "save_compressed"], ".saved")})

@@ -1,4 +1,5 @@
-"""Safe checkpoint reading: tensors only, no pickle code, unless the user trusts the file."""
+"""Safe checkpoint reading (tensors only, no pickle code, unless the user trusts the file) and strict
+loading into a model."""
 from __future__ import annotations
 
 import importlib.resources
@@ -6,8 +7,11 @@ import pickle
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import BadInput
+from .digest import sha256_of
+from .foreign import apply_mapping
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -107,3 +111,50 @@ def normalise_state_dict(obj, path: Path | str = "<memory>") -> dict[str, torch.
         if all(k.startswith(prefix) for k in out):
             out = {k[len(prefix):]: v for k, v in out.items()}
     return out
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str | Path, name: str, trust_checkpoint: bool = False,
+                    checkpoint_map=None) -> tuple[Path, str, str]:
+    """Load ``checkpoint`` into ``model`` strictly; its path, sha256 and the name mapping used."""
+    path = resolve_checkpoint(checkpoint)
+    state, mapping = apply_mapping(read_state_dict(path, trust_checkpoint), model, checkpoint_map, path)
+    load_strict(model, state, path, name)
+    return path, sha256_of(path), mapping
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, name: str) -> None:
+    """Load ``state`` or refuse, naming missing, unexpected and mis-shaped tensors."""
+    own = model.state_dict()
+    shape_errors = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                    for k, v in state.items() if k in own and own[k].shape != v.shape]
+    dtype_errors = [f"{k} is {v.dtype}" for k, v in state.items()
+                    if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if dtype_errors:
+        raise BadInput(f"checkpoint {source} has non-float weights ({short_list(dtype_errors)}) where model {name} "
+                       f"needs floating point; pass the float checkpoint saved before quantisation")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise BadInput(f"checkpoint {source} holds NaN or infinite values in {short_list(nonfinite)}; the training "
+                       f"diverged or the file is damaged: pass a healthy checkpoint")
+    result = None
+    if not shape_errors:
+        result = model.load_state_dict(state, strict=False)
+    missing = list(result.missing_keys) if result else [k for k in own if k not in state]
+    unexpected = list(result.unexpected_keys) if result else [k for k in state if k not in own]
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {short_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {short_list(unexpected)}")
+    if shape_errors:
+        problems.append(f"shape mismatches {short_list(shape_errors)}")
+    if problems:
+        raise BadInput(f"checkpoint {source} does not fit model {name}: {'; '.join(problems)}; "
+                       f"check --model (depth, width, num_classes) matches the checkpoint")
+
+
+def short_list(keys: list[str], limit: int = 4) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more

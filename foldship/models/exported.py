@@ -25,7 +25,8 @@ from torch import fx, nn
 
 from ..errors import BadInput
 from .cifar_resnet import PadShortcut
-from .registry import ExternalSource, LoadedModel, Preprocessing, check_forward, register_source, sha256_of
+from .digest import sha256_of
+from .spec import ExternalSource, LoadedModel, Preprocessing, check_forward
 
 PREFIX = "exported:"
 aten = torch.ops.aten
@@ -313,5 +314,4 @@ def load_exported(name: str, num_classes=None, input_size=None, input_shape=None
     return loaded
 
 
-register_source(ExternalSource("torch.export", lambda name: name.startswith(PREFIX), load_exported,
-                               weights_inside=True))
+SOURCE = ExternalSource("torch.export", lambda name: name.startswith(PREFIX), load_exported, weights_inside=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from .registry import ModelSpec, Preprocessing
+from .spec import ModelSpec, Preprocessing
 
 DEFAULT_SEQUENCE_LENGTH = 16
 

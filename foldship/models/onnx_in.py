@@ -24,7 +24,8 @@ import onnx
 from torch import nn
 
 from ..errors import BadInput
-from .registry import ExternalSource, LoadedModel, Preprocessing, check_forward, register_source, sha256_of
+from .digest import sha256_of
+from .spec import ExternalSource, LoadedModel, Preprocessing, check_forward
 
 PREFIX = "onnx:"
 # Opsets tried, newest first, when onnx2torch lacks a converter at the file's own opset.
@@ -153,4 +154,4 @@ def load_onnx_model(name: str, checkpoint=None, num_classes=None, input_size=Non
     return loaded
 
 
-register_source(ExternalSource("onnx", lambda name: name.startswith(PREFIX), load_onnx_model, weights_inside=True))
+SOURCE = ExternalSource("onnx", lambda name: name.startswith(PREFIX), load_onnx_model, weights_inside=True)

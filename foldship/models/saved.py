@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from .registry import LoadedModel, Preprocessing, example_inputs, model_spec, short_list
+from .checkpoint import short_list
+from .registry import model_spec
+from .spec import LoadedModel, Preprocessing, example_inputs
 from .rewrites import apply_rewrites
 
 SPEC_FORMAT = "foldship-compressed-model"

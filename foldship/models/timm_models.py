@@ -10,7 +10,7 @@ import importlib
 import math
 
 from ..errors import BadInput
-from .registry import ModelSpec, Preprocessing
+from .spec import ModelSpec, Preprocessing
 
 
 def _timm():

@@ -15,8 +15,9 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import BadInput
-from .registry import (ExternalSource, LoadedModel, Preprocessing, check_forward, infer_num_classes, load_checkpoint,
-                       register_source, sha256_of)
+from .checkpoint import load_checkpoint
+from .digest import sha256_of
+from .spec import ExternalSource, LoadedModel, Preprocessing, check_forward, infer_num_classes
 
 # Prefixes of registry and file sources: ``timm:x`` is a timm model, never a module called timm.
 RESERVED_PREFIXES = ("torchvision", "timm", "hf", "exported", "onnx")
@@ -150,4 +151,4 @@ def wrap_module(model: nn.Module, input_shape, num_classes: int | None = None,
     return loaded
 
 
-register_source(ExternalSource("python", is_user_code, load_user_model))
+SOURCE = ExternalSource("python", is_user_code, load_user_model)

@@ -16,8 +16,9 @@ from ..compress.engine import compress_model
 from ..data import CalibrationImages, calibration_images, load_images
 from ..data.presets import resolve_preprocessing
 from ..exporters import export_model, export_report
-from ..models.registry import LoadedModel, check_forward, load_model
+from ..models.registry import load_model
 from ..models.saved import SPEC_NAME, NotDescribable, save_compressed
+from ..models.spec import LoadedModel, check_forward
 from ..progress import StageProgress
 from ..validators import count_macs, count_params, run_folder_artifacts, torch_artifact
 from ..validators.accuracy import classification_scores, evaluate_torch

@@ -16,7 +16,8 @@ from ..compress.repairs import check_repair
 from ..compress.widths import WidthRule, check_ratio, check_round_to, width_rule
 from ..errors import BadInput
 from ..exporters import ExportOptions, TrtSettings
-from ..models.registry import Preprocessing, external_source, weights_inside
+from ..models.registry import external_source, weights_inside
+from ..models.spec import Preprocessing
 from ..validators.artifacts import OrtSettings
 from ..validators.gates import GATES, check_limits
 from ..validators.latency import LatencyProtocol

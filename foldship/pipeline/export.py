@@ -13,7 +13,7 @@ from pathlib import Path
 from ..data import load_images
 from ..errors import BadInput
 from ..exporters import describe_onnx, export_model, export_report, ship_onnx
-from ..models.registry import Preprocessing
+from ..models.spec import Preprocessing
 from ..progress import StageProgress
 from ..validators import evaluate_gates
 from .build import BuildOutcome, load_from_config

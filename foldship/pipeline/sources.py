@@ -21,7 +21,7 @@ from ..errors import BadInput
 from ..exporters import ExportOptions, describe_onnx, export_model, ship_onnx
 from ..exporters.stage import TORCH_PARITY_RELATIVE_TOLERANCE, ExportedModel
 from ..exporters.verify import max_abs_error, onnx_logits, torch_logits
-from ..models.registry import LoadedModel
+from ..models.spec import LoadedModel
 from ..models.user_code import wrap_module
 from .config import BuildConfig
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..data import load_images
 from ..errors import BadInput
-from ..models.registry import Preprocessing
+from ..models.spec import Preprocessing
 from ..progress import StageProgress
 from ..validators import engine_artifact, onnx_artifact, onnx_macs, run_folder_artifacts
 from ..validators.artifacts import ENGINE_SUFFIXES, Artifact, available_backends
