@@ -125,7 +125,7 @@ def test_merge_refuses_two_files_of_one_target_and_limits_it_cannot_judge(run_fo
 @pytest.mark.skipif(shutil.which("lscpu") is None or len(os.sched_getaffinity(0)) != os.cpu_count(),
                     reason="needs lscpu and every CPU of the machine")
 def test_physical_cores_match_lscpu():
-    from foldship.validators.artifacts import physical_cores
+    from foldship.validators.threads import physical_cores
 
     listed = subprocess.run(["lscpu", "-p=CORE,SOCKET"], capture_output=True, text=True, check=True).stdout
     assert physical_cores() == len({line for line in listed.splitlines() if not line.startswith("#")})

@@ -12,7 +12,8 @@ import platform
 import sys
 from importlib import metadata
 
-from ..validators.artifacts import cuda_gpus, physical_cores
+from ..validators.artifacts import cuda_gpus
+from ..validators.threads import physical_cores
 
 # onnxruntime-gpu provides the same module as onnxruntime: one of the two is installed.
 PACKAGES = ("foldship", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",

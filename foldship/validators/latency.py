@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .artifacts import ORT_BACKENDS, Artifact, OrtSettings, onnx_session, resolved_threads
+from .artifacts import ORT_BACKENDS, Artifact, OrtSettings, onnx_session
+from .threads import resolved_threads
 
 if TYPE_CHECKING:
     import torch

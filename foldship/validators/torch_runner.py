@@ -11,7 +11,7 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from torch import nn
 
-from .artifacts import resolved_threads
+from .threads import resolved_threads
 
 
 class TorchRunner(BaseRunner):
