@@ -30,11 +30,12 @@ import numpy as np
 import torch
 
 from foldship.compress import compress_model
-from foldship.compress.budget import MacModel, plan_budget
+from foldship.compress.budget import MacModel
 from foldship.compress.groups import DependencyAdapter, output_layers
 from foldship.compress.widths import ratio_for_width
 from foldship.data import load_images
 from foldship.exporters import ExportOptions, export_model
+from foldship.pipeline.budget import plan_budget
 from foldship.pipeline.build import load_from_config
 from foldship.pipeline.config import SHARED_DATA, load_config
 from foldship.validators import count_macs

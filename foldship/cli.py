@@ -498,12 +498,12 @@ def compress(
         import json
 
         from .compress import compress_model
-        from .compress.budget import plan_budget
         from .compress.widths import width_rule
         from .data import calibration_images, load_images
         from .models import load_model
         from .pipeline.config import BuildConfig, refuse_ratio_with_target
         from .models.saved import SPEC_NAME, save_compressed
+        from .pipeline.budget import plan_budget
         from .pipeline.run_folder import RunFolder
 
         refuse_ratio_with_target({"ratio": ratio, "target_macs": target_macs, "target_latency": target_latency})

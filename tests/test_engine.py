@@ -490,7 +490,7 @@ def test_the_report_states_calibration_images_used_and_near_copies_dropped():
 
 
 def test_the_second_pass_folds_each_group_once_from_its_original_channels():
-    from foldship.compress.budget import plan_budget
+    from foldship.pipeline.budget import plan_budget
 
     from .test_budget import TwinNet
 

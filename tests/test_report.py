@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from foldship.compress.budget import plan_budget
 from foldship.compress.engine import compress_model
 from foldship.exporters import export_onnx
+from foldship.pipeline.budget import plan_budget
 from foldship.pipeline.config import load_config
 from foldship.pipeline.report import budget_lines, run_title, speed_cell, write_sweep
 from foldship.pipeline.validate import validate_artifacts

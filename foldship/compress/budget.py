@@ -24,18 +24,15 @@ compresses the model to those widths, measures every group again from its first-
 all other groups held at theirs (the damage it adds to the first-pass model's), and allocates the
 rest of the cut from there (docs/budget.md); the survey costs about twice as long.
 
-A latency target is met by planning for a MAC target, timing the planned architecture's ONNX
-export on ONNX Runtime CPU against the baseline on this machine, and correcting the MAC target
-from the measured ratio (a few rounds, one two-pass survey planned for a MAC goal equal to the
-latency goal). The plan is plain data:
-``group_ratios`` for the engine, and every group's planned width and measured damage for the report.
+A latency target is met by measurement, which needs the exporters and validators:
+``pipeline.budget`` plans for MAC goals here and times each ``planned_architecture``. The plan is
+plain data: ``group_ratios`` for the engine, and every group's planned width and measured damage
+for the report.
 """
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -43,18 +40,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BadInput
+from ..models.macs import layer_macs
+from .engine import ShortcutTooNarrow, compress_model
 from .groups import DependencyAdapter, GroupView, output_layers
 from .repairs import repair_steps
-from .widths import ratio_for_width, width_rule
+from .widths import ratio_for_width
 
 PROBE_KEEPS = (0.75, 0.5, 0.25)  # each group is measured at these fractions of its width (aligned)
 PROBE_COUNT = 32  # probe inputs per forward pass
 PROBE_SCALES = (4, 8, 16, 32, 64)  # smooth noise: Gaussian fields this coarse at 224 px (relative to size), upsampled, summed
 PROBE_RESTARTS = 1  # k-means restarts when folding a single group for the survey
 FIRST_PASS_SHARE = 0.5  # of the MAC cut planned from each group's damage alone; the rest in context
-LATENCY_ROUNDS = 6
-MAX_STEP = 0.15  # largest relative cut of the MAC goal per latency round
-LATENCY_BATCH = 16
 
 
 class UnreachableTarget(BadInput):
@@ -165,8 +161,6 @@ class MacModel:
     and output are the same group and count once)."""
 
     def __init__(self, model: nn.Module, example, views: Sequence[GroupView]):
-        from ..validators.complexity import layer_macs
-
         self.layers = layer_macs(model, example[:1] if isinstance(example, torch.Tensor) else example)
         self.total = sum(self.layers.values())
         self.factors: dict[nn.Module, list[str]] = {}
@@ -270,8 +264,6 @@ def _probe_run(model: nn.Module, probe):
 
 
 def _survey(model, example, method, align, group_policy, protected, probe, seed, starts, repair):
-    from .engine import ShortcutTooNarrow, compress_model  # engine imports this module's check
-
     if protected is None:
         protected = output_layers(model, example)
     views = list(DependencyAdapter(model, example, protected).groups())  # read only: the views stay valid
@@ -349,33 +341,6 @@ def allocate(groups: list[GroupBudget], macs: MacModel, target: float, align: in
     return reached
 
 
-def plan_budget(model: nn.Module, example, method: str, target_macs: float | None = None,
-                target_latency: float | None = None, round_to: int | str | None = None, group_policy: str = "all",
-                protected: Sequence[str] | None = None, threads: int = 0, calibration: torch.Tensor | None = None,
-                seed: int = 0, repair: str = "none") -> BudgetPlan | None:
-    """The plan for whichever target is set (None without a target); widths align to ``round_to``
-    (a whole number, or "auto"/None: the kernel block ``width_rule`` picks for a budget). Damage is measured on the first PROBE_COUNT ``calibration`` images when
-    given (unlabelled, never the evaluation images), else on seeded smooth noise, with the build's
-    ``repair`` when the survey can use it (``two_pass_survey``)."""
-    if target_macs is None and target_latency is None:
-        return None
-    check_targets(target_macs, target_latency, None)
-    align = width_rule(round_to, budget=True).round_to
-    modules = None
-    if protected is not None:
-        named = dict(model.named_modules())
-        missing = [name for name in protected if name not in named]
-        if missing:
-            raise BadInput(f"protected layer(s) {', '.join(missing)} not found in the model; list module names as "
-                           f"printed by `foldship inspect`")
-        modules = [named[name] for name in protected]
-    probe = None if calibration is None else calibration[:PROBE_COUNT]
-    if target_macs is not None:
-        return plan_for_macs(model, example, target_macs, method, align, group_policy, modules, probe, seed, repair)
-    return plan_for_latency(model, example, target_latency, method, align, group_policy, modules, threads, probe, seed,
-                            repair)
-
-
 def two_pass_survey(model: nn.Module, example, method: str, goal: float, align: int,
                     group_policy: str = "all", protected: Sequence[nn.Module] | None = None,
                     probe: torch.Tensor | None = None, seed: int = 0, repair: str = "none") -> tuple[BudgetPlan, MacModel]:
@@ -411,84 +376,14 @@ def plan_for_macs(model: nn.Module, example, target_macs: float, method: str, al
     return plan
 
 
-def plan_for_latency(model: nn.Module, example, target_latency: float, method: str,
-                     align: int, group_policy: str = "all",
-                     protected: Sequence[nn.Module] | None = None, threads: int = 0,
-                     probe: torch.Tensor | None = None, seed: int = 0, repair: str = "none") -> BudgetPlan:
-    """Per-group widths whose ONNX Runtime CPU latency (batch 16, this machine) is at most
-    ``target_latency`` of the baseline's: MAC plans (one two-pass survey, for a MAC goal equal to
-    the latency goal), corrected by measurement each round."""
-    try:
-        return _plan_for_latency(model, example, target_latency, method, align, group_policy, protected, threads,
-                                 probe, seed, repair)
-    except UnreachableTarget as exc:  # say it of the user's latency goal, not of a MAC goal planned for it
-        raise BadInput(f"target latency {target_latency:.2f}x cannot be met: planning it for {exc.goal:.3f}x MACs, "
-                       f"{exc.floor_text()}; raise target_latency") from None
-
-
-def _plan_for_latency(model: nn.Module, example, target_latency: float, method: str, align: int, group_policy: str,
-                      protected: Sequence[nn.Module] | None, threads: int, probe: torch.Tensor | None, seed: int,
-                      repair: str) -> BudgetPlan:
-    plan, macs = two_pass_survey(model, example, method, target_latency, align, group_policy, protected, probe, seed,
-                                 repair)
-    plan.target = "latency"
-    with tempfile.TemporaryDirectory(prefix="foldship-budget-") as folder:
-        baseline = _export(model, example, Path(folder) / "baseline.onnx")
-        mac_goal, best = target_latency, None
-        for _ in range(LATENCY_ROUNDS):
-            plan.mac_fraction = allocate(plan.groups, macs, mac_goal, align)
-            candidate = _export(_planned_architecture(model, example, plan, protected), example,
-                                Path(folder) / "candidate.onnx")
-            # Baseline timed again beside each candidate, block by block: on a shared machine the load drifts.
-            measured, interval = _latency_fraction(candidate, baseline, example, threads)
-            plan.rounds.append({"mac_target": round(mac_goal, 4), "mac_fraction": round(plan.mac_fraction, 4),
-                                "latency_fraction": round(measured, 4), "latency_interval": interval})
-            if measured <= target_latency:
-                best = measured
-                break
-            # Latency is close to proportional to MACs within a small range: scale the MAC goal by the miss,
-            # by at most MAX_STEP a round, so one noisy measurement cannot throw the plan far.
-            mac_goal *= max(target_latency / measured, 1.0 - MAX_STEP)
-        if best is None:
-            raise BadInput(f"target latency {target_latency:.2f}x not reached in {LATENCY_ROUNDS} rounds "
-                           f"(last {measured:.2f}x at {plan.mac_fraction:.2f}x MACs); lower target_latency or use "
-                           f"target_macs")
-    plan.latency_fraction = best
-    return plan
-
-
 def _probe_name(probe: torch.Tensor | None) -> str:
     return f"smooth noise ({PROBE_COUNT} inputs, seeded)" if probe is None else f"calibration images ({len(probe)})"
 
 
-def _planned_architecture(model: nn.Module, example, plan: BudgetPlan, protected) -> nn.Module:
+def planned_architecture(model: nn.Module, example, plan: BudgetPlan,
+                         protected: Sequence[nn.Module] | None = None) -> nn.Module:
     """The planned widths, by pruning a copy: latency depends on the shapes only, not on which channels."""
-    from .engine import compress_model
-
     names = {m: n for n, m in model.named_modules()}
     protected_names = None if protected is None else [names[m] for m in protected]
     return compress_model(model, example, "prune-l2", 0.5, group_ratios=plan.group_ratios(),
                           protected=protected_names, round_to=plan.align).model
-
-
-def _export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """The model as the build ships it (BatchNorm fused) in ONNX, for timing."""
-    from ..exporters.fuse import fuse_batchnorm
-    from ..exporters.onnx_export import export_onnx
-
-    export_onnx(fuse_batchnorm(model, example).model, example, path, exporter="legacy")
-    return path
-
-
-def _latency_fraction(candidate: Path, baseline: Path, example: torch.Tensor, threads: int) -> tuple[float, list | None]:
-    """The candidate's latency over the baseline's at batch 16 on ONNX Runtime CPU, and its interval:
-    the build's latency protocol (the two models taking turns block by block), 1 / their speedup."""
-    from ..validators.artifacts import onnx_artifact
-    from ..validators.latency import LatencyProtocol, time_artifacts
-    from ..validators.speed import Speedup
-
-    protocol = LatencyProtocol(threads=threads, clock="cpu" if threads == 1 else "wall")
-    stats = time_artifacts([onnx_artifact("candidate", candidate), onnx_artifact("baseline", baseline)], "onnxruntime-cpu",
-                           tuple(example.shape[1:]), LATENCY_BATCH, protocol)
-    speed = Speedup.from_blocks(stats["baseline"].block_p50_ms, stats["candidate"].block_p50_ms)
-    return 1.0 / speed.value, None if speed.low is None else [round(1.0 / speed.high, 4), round(1.0 / speed.low, 4)]

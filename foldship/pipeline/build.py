@@ -10,7 +10,6 @@ from importlib import metadata
 
 from torch import nn
 
-from ..compress.budget import plan_budget
 from ..compress.distill import check_images, check_trainable, distill
 from ..compress.engine import compress_model
 from ..data import CalibrationImages, calibration_images, load_images
@@ -23,6 +22,7 @@ from ..progress import StageProgress
 from ..validators import count_macs, count_params, run_folder_artifacts, torch_artifact
 from ..validators.accuracy import classification_scores, evaluate_torch
 from ..validators.stage import validate
+from .budget import plan_budget
 from .config import BuildConfig
 from .environment import fingerprint, keep_freed_memory
 from .report import write_report

@@ -1,0 +1,117 @@
+"""Budgeted compression as a build runs it: a MAC target is planned by ``compress.budget`` alone; a
+latency target is met by measurement. Its loop plans for a MAC goal (one two-pass survey, for a MAC
+goal equal to the latency goal), has ``measure`` time the planned architecture against the
+baseline, and corrects the MAC goal by the measured miss, for a few rounds. The build's measure
+exports both models to ONNX and times them on ONNX Runtime CPU on this machine (``onnx_latency``).
+"""
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..compress.budget import (PROBE_COUNT, BudgetPlan, UnreachableTarget, allocate, check_targets, plan_for_macs,
+                               planned_architecture, two_pass_survey)
+from ..compress.widths import width_rule
+from ..errors import BadInput
+from ..exporters.fuse import fuse_batchnorm
+from ..exporters.onnx_export import export_onnx
+from ..validators.artifacts import onnx_artifact
+from ..validators.latency import LatencyProtocol, time_artifacts
+from ..validators.speed import Speedup
+
+LATENCY_ROUNDS = 6
+MAX_STEP = 0.15  # largest relative cut of the MAC goal per latency round
+LATENCY_BATCH = 16
+
+# A candidate model's latency as a fraction of the baseline's, and its interval [low, high] (None: unknown).
+LatencyMeasure = Callable[[nn.Module], tuple[float, list | None]]
+
+
+def plan_budget(model: nn.Module, example, method: str, target_macs: float | None = None,
+                target_latency: float | None = None, round_to: int | str | None = None, group_policy: str = "all",
+                protected: Sequence[str] | None = None, threads: int = 0, calibration: torch.Tensor | None = None,
+                seed: int = 0, repair: str = "none") -> BudgetPlan | None:
+    """The plan for whichever target is set (None without a target); widths align to ``round_to``
+    (a whole number, or "auto"/None: the kernel block ``width_rule`` picks for a budget). Damage is
+    measured on the first PROBE_COUNT ``calibration`` images when given (unlabelled, never the
+    evaluation images), else on seeded smooth noise, with the build's ``repair`` when the survey can
+    use it (``two_pass_survey``). A latency target is timed with ``threads`` (0: the default)."""
+    if target_macs is None and target_latency is None:
+        return None
+    check_targets(target_macs, target_latency, None)
+    align = width_rule(round_to, budget=True).round_to
+    modules = None
+    if protected is not None:
+        named = dict(model.named_modules())
+        missing = [name for name in protected if name not in named]
+        if missing:
+            raise BadInput(f"protected layer(s) {', '.join(missing)} not found in the model; list module names as "
+                           f"printed by `foldship inspect`")
+        modules = [named[name] for name in protected]
+    probe = None if calibration is None else calibration[:PROBE_COUNT]
+    if target_macs is not None:
+        return plan_for_macs(model, example, target_macs, method, align, group_policy, modules, probe, seed, repair)
+    with onnx_latency(model, example, threads) as measure:
+        return plan_for_latency(model, example, target_latency, method, align, measure, group_policy, modules, probe,
+                                seed, repair)
+
+
+def plan_for_latency(model: nn.Module, example, target_latency: float, method: str, align: int,
+                     measure: LatencyMeasure, group_policy: str = "all",
+                     protected: Sequence[nn.Module] | None = None, probe: torch.Tensor | None = None, seed: int = 0,
+                     repair: str = "none") -> BudgetPlan:
+    """Per-group widths whose latency, as ``measure`` finds it, is at most ``target_latency`` of the
+    baseline's: MAC plans corrected by measurement each round, every round recorded in the plan."""
+    try:
+        plan, macs = two_pass_survey(model, example, method, target_latency, align, group_policy, protected, probe,
+                                     seed, repair)
+        plan.target = "latency"
+        mac_goal = target_latency
+        for _ in range(LATENCY_ROUNDS):
+            plan.mac_fraction = allocate(plan.groups, macs, mac_goal, align)
+            measured, interval = measure(planned_architecture(model, example, plan, protected))
+            plan.rounds.append({"mac_target": round(mac_goal, 4), "mac_fraction": round(plan.mac_fraction, 4),
+                                "latency_fraction": round(measured, 4), "latency_interval": interval})
+            if measured <= target_latency:
+                plan.latency_fraction = measured
+                return plan
+            # Latency is close to proportional to MACs within a small range: scale the MAC goal by the miss,
+            # by at most MAX_STEP a round, so one noisy measurement cannot throw the plan far.
+            mac_goal *= max(target_latency / measured, 1.0 - MAX_STEP)
+    except UnreachableTarget as exc:  # say it of the user's latency goal, not of a MAC goal planned for it
+        raise BadInput(f"target latency {target_latency:.2f}x cannot be met: planning it for {exc.goal:.3f}x MACs, "
+                       f"{exc.floor_text()}; raise target_latency") from None
+    raise BadInput(f"target latency {target_latency:.2f}x not reached in {LATENCY_ROUNDS} rounds "
+                   f"(last {measured:.2f}x at {plan.mac_fraction:.2f}x MACs); lower target_latency or use "
+                   f"target_macs")
+
+
+@contextmanager
+def onnx_latency(baseline: nn.Module, example: torch.Tensor, threads: int) -> Iterator[LatencyMeasure]:
+    """A measure for ``plan_for_latency``: a candidate's latency over ``baseline``'s at batch 16 on
+    ONNX Runtime CPU, both as the build ships them (BatchNorm fused, ONNX), with the build's latency
+    protocol. The baseline is timed again beside each candidate, the two taking turns block by
+    block, since on a shared machine the load drifts."""
+    protocol = LatencyProtocol(threads=threads, clock="cpu" if threads == 1 else "wall")
+    with tempfile.TemporaryDirectory(prefix="foldship-budget-") as folder:
+        baseline_onnx = _export(baseline, example, Path(folder) / "baseline.onnx")
+
+        def measure(candidate: nn.Module) -> tuple[float, list | None]:
+            candidate_onnx = _export(candidate, example, Path(folder) / "candidate.onnx")
+            pair = [onnx_artifact("candidate", candidate_onnx), onnx_artifact("baseline", baseline_onnx)]
+            stats = time_artifacts(pair, "onnxruntime-cpu", tuple(example.shape[1:]), LATENCY_BATCH, protocol)
+            speed = Speedup.from_blocks(stats["baseline"].block_p50_ms, stats["candidate"].block_p50_ms)
+            interval = None if speed.low is None else [round(1.0 / speed.high, 4), round(1.0 / speed.low, 4)]
+            return 1.0 / speed.value, interval
+
+        yield measure
+
+
+def _export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    export_onnx(fuse_batchnorm(model, example).model, example, path, exporter="legacy")
+    return path
