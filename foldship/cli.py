@@ -5,6 +5,7 @@ Exit codes: 0 success, 2 bad input (nothing written), 3 a validation gate failed
 """
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import BadInput, FoldshipError
+from .files import atomic_write
 from .progress import StageProgress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -401,7 +403,7 @@ def bench(
             result = bench_run(artifact, name, None if batch is None else [1, batch], threads or 0, min_seconds,
                                trials, backend or None, shape, StageProgress(err, quiet=quiet))
             if json_out is not None:
-                _write_json(json_out, result)
+                atomic_write(json_out, json.dumps(result, indent=2) + "\n")
             if not quiet:
                 _print_bench_run(result, json_out)
             return
@@ -412,7 +414,7 @@ def bench(
                           latency_min_seconds=min_seconds, backends=backend or None)
         result = run_bench(artifact, cfg, shape, StageProgress(err, quiet=quiet))
         if json_out is not None:
-            _write_json(json_out, result)
+            atomic_write(json_out, json.dumps(result, indent=2) + "\n")
         if not quiet:
             table = Table(title=f"{artifact} ({result['precision']}, {result['size_bytes'] / 1024:.0f} KiB)")
             for column in ("backend", "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "throughput /s", "peak MB"):
@@ -620,16 +622,6 @@ def _print_targets(report: dict, folder: str) -> None:
                               f"{sides['compressed'][key]['p50_ms']:.3f}",
                               change_text(recorded_speedup(entry, backend, key)))
     out.print(table)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Whole or not at all: a temporary file renamed into place."""
-    import json
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _exit_on_failed_gates(report: dict, folder: str) -> None:

@@ -10,7 +10,7 @@ from foldship.compress import compress
 from foldship.data import load_images
 from foldship.errors import BadInput
 from foldship.exporters import ExportOptions, export_model, export_onnx
-from foldship.models.digest import sha256_of
+from foldship.files import sha256_of
 from foldship.models.spec import Preprocessing
 from foldship.validators import evaluate_onnx, evaluate_torch
 

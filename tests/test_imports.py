@@ -21,7 +21,7 @@ PACKAGE = ROOT / "foldship"
 # Stages in import order: a module may import its own stage and the stages before it.
 STAGES = {"models": 0, "data": 0, "compress": 1, "exporters": 2, "validators": 3, "pipeline": 4, "sweep": 5}
 # Top-level modules that any stage may import; they import no stage themselves.
-LEAVES = {"foldship.errors", "foldship.progress", "foldship._lazy"}
+LEAVES = {"foldship.errors", "foldship.files", "foldship.progress", "foldship._lazy"}
 # The package itself and the command line sit above every stage.
 ENTRY_POINTS = {"foldship", "foldship.__main__", "foldship.cli"}
 

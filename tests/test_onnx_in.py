@@ -17,7 +17,7 @@ from foldship.data.presets import resolve_preprocessing
 from foldship.errors import BadInput
 from foldship.exporters.verify import onnx_logits
 from foldship.models import load_model
-from foldship.models.digest import sha256_of
+from foldship.files import sha256_of
 from foldship.models.spec import Preprocessing
 from foldship.pipeline.config import load_config
 

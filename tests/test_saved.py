@@ -10,7 +10,7 @@ import foldship
 from foldship.errors import BadInput
 from foldship.models import load_model
 from foldship.models.cifar_resnet import PadShortcut
-from foldship.models.digest import sha256_of
+from foldship.files import sha256_of
 from foldship.models.saved import NotDescribable
 from foldship.validators import count_params
 

@@ -6,7 +6,7 @@ from onnx import numpy_helper
 
 from foldship.exporters import export_onnx, shrink_onnx
 from foldship.exporters.shrink import SHRINKERS
-from foldship.models.digest import sha256_of
+from foldship.files import sha256_of
 from foldship.validators import evaluate_onnx
 
 

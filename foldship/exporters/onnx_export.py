@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from ..models.digest import sha256_of
+from ..files import sha256_of
 from .verify import node_counts
 
 EXPORTERS = ("dynamo", "legacy")

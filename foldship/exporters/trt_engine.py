@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
-from ..models.digest import sha256_of
+from ..files import atomic_write, sha256_of
 from .verify import ExportFailed
 
 PRECISIONS = ("fp32", "fp16")
@@ -188,8 +188,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str,
     if problem:
         raise ExportFailed(f"TensorRT engine from {onnx_path.name} is not {precision.upper()}: {problem}")
     saved = bytes(config.get_timing_cache().serialize())
-    _write_atomic(cache_path, saved)
-    _write_atomic(engine_path, plan)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cache_path, saved)
+    atomic_write(engine_path, plan)
     timing_cache = {"path": str(cache_path), "reused_bytes": len(cached), "saved_bytes": len(saved)}
     typing = "strong (from the ONNX)" if strong else "weak (builder flags)"
     sidecar = {
@@ -201,7 +202,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str,
         "build_seconds": seconds, "layer_precision": asdict(layers),
     }
     sidecar_path = engine_path.with_name(engine_path.name + ".json")
-    _write_atomic(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+    atomic_write(sidecar_path, json.dumps(sidecar, indent=2) + "\n")
     return EngineArtifact(str(engine_path), str(sidecar_path), sidecar["engine_sha256"], len(plan), precision,
                           typing, layers.share("fp16"), seconds, timing_cache)
 
@@ -250,10 +251,3 @@ def layer_precision(info: dict) -> LayerPrecision:
 def tensor_type(tensor: dict) -> str | None:
     text = " ".join(str(tensor.get(k, "")) for k in ("Format/Datatype", "Datatype", "DataType", "Format")).upper()
     return next((name for key, name in _TYPE_NAMES if key in text), None)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

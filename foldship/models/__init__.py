@@ -2,7 +2,7 @@
 models saved as a width spec plus safetensors, and models from outside the registry: the user's own
 code (``file.py:factory``), ``exported:`` torch.export programs and ``onnx:`` files.
 
-Public names load on first use, so ``foldship.models.digest`` imports without PyTorch.
+Public names load on first use: importing the package costs no PyTorch.
 """
 from .._lazy import lazy_package
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from .digest import sha256_of
+from ..files import sha256_of
 from .foreign import apply_mapping
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")

@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from ..errors import BadInput
 from .cifar_resnet import PadShortcut
-from .digest import sha256_of
+from ..files import sha256_of
 from .spec import ExternalSource, LoadedModel, Preprocessing, check_forward
 
 PREFIX = "exported:"

@@ -24,7 +24,7 @@ import onnx
 from torch import nn
 
 from ..errors import BadInput
-from .digest import sha256_of
+from ..files import sha256_of
 from .spec import ExternalSource, LoadedModel, Preprocessing, check_forward
 
 PREFIX = "onnx:"

@@ -10,7 +10,6 @@ import copy
 
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
+from ..files import atomic_write
 from .checkpoint import short_list
 from .registry import model_spec
 from .spec import LoadedModel, Preprocessing, example_inputs
@@ -119,8 +119,8 @@ def save_compressed(model: nn.Module, original: LoadedModel, spec_path: str | Pa
     data = to_safetensors(state, metadata={"format": "pt"})
     spec["weights"]["sha256"] = hashlib.sha256(data).hexdigest()
     spec_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(weights_path, data)
-    _write_atomically(spec_path, _spec_text(spec).encode())
+    atomic_write(weights_path, data)
+    atomic_write(spec_path, _spec_text(spec).encode())
     return spec_path
 
 
@@ -223,14 +223,3 @@ def _read_spec(spec_path: Path) -> dict:
         raise BadInput(f"{spec_path} has spec version {spec.get('version')}; this foldship reads version "
                        f"{SPEC_VERSION}: upgrade foldship or re-save the model")
     return spec
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

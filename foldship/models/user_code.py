@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import BadInput
 from .checkpoint import load_checkpoint
-from .digest import sha256_of
+from ..files import sha256_of
 from .spec import ExternalSource, LoadedModel, Preprocessing, check_forward, infer_num_classes
 
 # Prefixes of registry and file sources: ``timm:x`` is a timm model, never a module called timm.

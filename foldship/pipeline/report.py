@@ -7,12 +7,12 @@ behind the plot), and, for several run folders, ``sweep.md`` + ``accuracy_vs_siz
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BadInput
+from ..files import atomic_path, atomic_write
 from ..validators.speed import Speedup, change_text, recorded_speedup
 
 PLOT_DPI = 80
@@ -352,18 +352,12 @@ def _per_class_lines(report: dict, rows: int = 10) -> list[str]:
 def write_report(folder: str | Path, report: dict, latency_samples: dict) -> None:
     """report.json, report.md, latency_samples.json and latency.png into ``folder``."""
     folder = Path(folder)
-    _write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_text(folder / "latency_samples.json", json.dumps(latency_samples, separators=(",", ":")) + "\n")
-    _write_text(folder / "report.md", render_markdown(report))
+    atomic_write(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(folder / "latency_samples.json", json.dumps(latency_samples, separators=(",", ":")) + "\n")
+    atomic_write(folder / "report.md", render_markdown(report))
     plot_latency(report, latency_samples, folder / "latency.png")
     if report.get("recovery"):
         plot_recovery(report["recovery"], folder / report["recovery"]["plot"])
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _figure(width: float, height: float):
@@ -373,9 +367,8 @@ def _figure(width: float, height: float):
 
 
 def _save(figure, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, format="png", metadata={"Software": None})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", metadata={"Software": None})
 
 
 def plot_latency(report: dict, latency_samples: dict, path: str | Path) -> None:
@@ -455,7 +448,7 @@ def write_sweep(run_folders: list[str | Path], out: str | Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sweep = {"runs": runs}
-    _write_text(out / "sweep.json", json.dumps(sweep, indent=2) + "\n")
+    atomic_write(out / "sweep.json", json.dumps(sweep, indent=2) + "\n")
     lines = ["# foldship sweep: accuracy vs size", "", "![accuracy vs size](accuracy_vs_size.png)", "",
              "| run | method | repair | groups | ratio | top-1 | baseline | ONNX size | MAC ratio | speed (ONNX Runtime CPU) | agreement |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
@@ -464,7 +457,7 @@ def write_sweep(run_folders: list[str | Path], out: str | Path) -> dict:
         lines.append(f"| {Path(r['folder']).name} | {r['method']} | {r['repair']} | {r['groups_policy']} | {r['ratio']} | "
                      f"{_fmt_pct(r['accuracy'])} | {_fmt_pct(r['baseline_accuracy'])} | {_fmt_size(r['size_bytes'])} | "
                      f"{mac} | {speed_cell(r['speed'])} | {_fmt_pct(r['top1_agreement'])} |")
-    _write_text(out / "sweep.md", "\n".join(lines) + "\n")
+    atomic_write(out / "sweep.md", "\n".join(lines) + "\n")
     plot_accuracy_vs_size(runs, out / "accuracy_vs_size.png")
     return sweep
 

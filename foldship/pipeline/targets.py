@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import BadInput
-from ..models.digest import sha256_of
+from ..files import sha256_of
 from ..progress import StageProgress
 from ..validators.artifacts import ORT_BACKENDS, Artifact, OrtSettings, onnx_backends, onnx_session
 from ..validators.gates import GATES, check_limits, evaluate_gates

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..compress.repairs import canonical_repair
 from ..compress.widths import check_ratio
 from ..errors import BadInput
-from ..models.digest import sha256_of
+from ..files import sha256_of
 from ..pipeline.build import load_from_config
 from ..pipeline.config import BuildConfig, load_config, read_yaml
 from ..validators.gates import GATES

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
+from ..files import atomic_write
 from ..pipeline.environment import fingerprint
-from ..pipeline.report import _write_text
 from ..progress import StageProgress
 from .executors import JobSpec, execute, plan
 from .grid import SweepConfig, check_sweep
@@ -70,7 +70,7 @@ def run_sweep(config: SweepConfig, progress: StageProgress | None = None) -> Swe
         pending = [job for job in config.jobs if job.key not in store.rows]
         executor = plan(config.executor, config.address, config.workers, config.base.threads, len(pending))
         summary = _summary(config, executor, status="running")
-        _write_text(store.folder / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        atomic_write(store.folder / SUMMARY, json.dumps(summary, indent=2) + "\n")
         specs = [JobSpec(job, config.job_config(job, executor.threads)) for job in pending]
         with progress.stage(f"sweep ({executor.name}, {len(config.jobs)} jobs)", total=len(pending)) as advance:
             if specs:
@@ -99,8 +99,8 @@ def run_sweep(config: SweepConfig, progress: StageProgress | None = None) -> Swe
         "paired": [asdict(p) | {"fold_win_share": p.fold_win_share} for p in paired],
         "selection": selection.as_dict() if selection else None,
     }
-    _write_text(folder / SUMMARY, json.dumps(summary, indent=2) + "\n")
-    _write_text(folder / "sweep.md", render_markdown(summary, rows, paired, config.base.gate_limits()))
+    atomic_write(folder / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    atomic_write(folder / "sweep.md", render_markdown(summary, rows, paired, config.base.gate_limits()))
     return SweepOutcome(summary, rows, paired, selection, str(folder))
 
 
