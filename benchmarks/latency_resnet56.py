@@ -35,8 +35,8 @@ from foldship.validators.latency import time_artifacts
 from foldship.validators.speed import Speedup, realised_share, speed_sentence
 
 CHECKPOINT = SHARED_DATA / "checkpoints/cifar10_resnet_akamaster/resnet56-4bfd9763.th"
-# name: (groups, round_to). A configuration the engine refuses (all-auto on AVX-512: the 16-wide
-# stream's pass-through clusters leave no room) is printed as not built and left out of the timing.
+# name: (groups, round_to). A configuration the engine refuses is printed as not built and left out
+# of the timing.
 BUILDS = {"all-raw": ("all", 1), "all-auto": ("all", "auto"),
           "inner-raw": ("inner", 1), "inner-auto": ("inner", "auto")}
 BATCHES = (1, 64)

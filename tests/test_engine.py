@@ -68,6 +68,22 @@ def test_an_option_a_stream_narrower_than_its_blocks_is_still_refused():
         compress_model(model, x, "fold", 0.1, group_ratios={"conv1": 0.0, "layer2.0.conv2": 0.75})
 
 
+def test_with_a_channel_multiple_an_option_a_stream_widens_to_the_next_multiple_with_room():
+    # ResNet-20, every group at 0.5, multiples of 16: stream 1 (16) stays whole, so stream 2 (32)
+    # has 16 pass-through blocks + 16 padding slots and needs 17 clusters: 16 has no room, the next
+    # multiple is its whole width. Stream 3 (64) has stream 2's 32 blocks: 32 -> 48. Raw widths
+    # (round_to 1) are refused as before (test above).
+    model, x = CifarResNet(20).eval(), torch.randn(2, 3, 32, 32)
+    result = compress_model(model, x, "fold", 0.5, round_to=16, restarts=1)
+    streams = {g.name: g for g in result.groups if g.kind == "stream"}
+    assert {name: g.kept for name, g in streams.items()} == {"conv1": 16, "layer2.0.conv2": 32, "layer3.0.conv2": 48}
+    assert streams["layer2.0.conv2"].action.startswith("kept: 16 pass-through clusters need width >= 17")
+    assert streams["layer3.0.conv2"].action == "folded"
+    assert "from 32 to the next multiple of 16, 48" in streams["layer3.0.conv2"].width_note
+    assert result.model.layer3[0].conv2.out_channels == 48 and result.model.layer3[2].conv2.out_channels == 48
+    assert result.model(x).shape == (2, 10)
+
+
 # ---------------------------------------------------------------------------------------------
 # Item 1, must show: random per-group ratios on CIFAR ResNets and a MobileNet-style net.
 

@@ -51,6 +51,7 @@ class GroupRecord:
     weight_error: float | None = None  # ||W - P W||^2 on the group's features
     relative_error: float | None = None
     repair: str | None = None  # on a compressed group: the repair applied, or why it is not applicable
+    width_note: str | None = None  # why the width is wider than the ratio and round_to give (option-A room)
 
 
 @dataclass
@@ -181,6 +182,20 @@ def fixed_blocks(view: GroupView) -> list[list[int]]:
     """Channels the group's modules tie together (each module's handler says which: an option-A
     shortcut's "mirror" rule, docs/method.md section 3); they always share one cluster."""
     return [block for item in view.weighted_items for block in handler_for(item.module).fixed_blocks(item)]
+
+
+def multiple_with_room(n: int, k: int, blocks: list[list[int]], round_to: int) -> tuple[int, str | None]:
+    """The width of an option-A stream of ``n`` channels folded to ``k`` (a multiple of ``round_to``),
+    widened to the next multiple with room for its pass-through ``blocks`` plus one cluster for the
+    padding slots, and why (None: k already has room). The rule promises a multiple, not the ratio:
+    refusing would leave the user no multiple to ask for, while raw widths (round_to 1) still refuse."""
+    tied = sum(len(b) for b in blocks)
+    room = len(blocks) + (1 if tied < n else 0)
+    if k >= room:
+        return k, None
+    wider = -(-room // round_to) * round_to
+    return min(wider, n), (f"{len(blocks)} pass-through clusters need width >= {room}: widened from {k} to the next "
+                           f"multiple of {round_to}, {min(wider, n)}")
 
 
 class ShortcutTooNarrow(BadInput):
@@ -384,8 +399,15 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
     if reason is not None:
         record.action = f"kept: {reason}"
         return record
-    features = group_features(view)
     rule = METHODS[method]
+    blocks = fixed_blocks(view) if rule.merges else []
+    if round_to > 1 and blocks:
+        k, widened = multiple_with_room(n, k, blocks, round_to)
+        if k >= n:
+            record.action = f"kept: {widened}"
+            return record
+        record.width_note = widened
+    features = group_features(view)
     scores = channel_scores(view, rule.norm)
     divisors = {}
     if fold_ar and rule.merges:
@@ -398,7 +420,7 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
         if labels is not None and (len(labels) != n or int(labels.max()) + 1 != k):
             raise ValueError(f"clusters given for group {view.name} do not fold {n} channels to {k}")
         if labels is None:
-            labels, error = fold_labels(features, k, scores, fixed_blocks(view), seed, restarts)
+            labels, error = fold_labels(features, k, scores, blocks, seed, restarts)
         else:
             error = inertia(features, labels, k)
         found[view.name] = labels
