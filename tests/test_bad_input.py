@@ -389,7 +389,8 @@ def outcomes(tmp_path_factory, request) -> dict:
             command = ("build", "--out", str(root / "runs" / "out"), "--quiet", *args)
             prepared[key] = (root, command, inputs.run_options, snapshot(root))
     in_a_process = {key for key, p in prepared.items() if isinstance(p, tuple) and (p[2] or key.endswith("@process"))}
-    with ThreadPoolExecutor(max_workers=1) as pool:  # the processes start while this one runs the other cases
+    # The processes run side by side (mostly imports, one core each) while this one runs the other cases.
+    with ThreadPoolExecutor(max_workers=len(in_a_process)) as pool:
         running = {key: pool.submit(run_cli, *prepared[key][1], **prepared[key][2]) for key in sorted(in_a_process)}
         results = {key: invoke_cli(*p[1]) for key, p in prepared.items() if isinstance(p, tuple) and key not in running}
         results.update({key: future.result() for key, future in running.items()})

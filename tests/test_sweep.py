@@ -18,7 +18,7 @@ from foldship.sweep import load_sweep_config, run_sweep
 from foldship.sweep.store import RESULTS, Row
 from foldship.validators import evaluate_torch
 
-from .conftest import ROOT, RESNET20, cli_command
+from .conftest import ROOT, RESNET20, cli_command, invoke_cli
 
 # A small grid with a fast build (200 images, batch 1 only, short timing, no shrink): 4 jobs.
 FAST = {"limit": 200, "batches": [1], "latency_min_seconds": 0.02, "latency_min_runs": 5, "latency_warmup": 2,
@@ -62,7 +62,8 @@ def stop_after_rows(process: subprocess.Popen, out: Path, rows: int, signum: int
 
 @pytest.fixture(scope="module")
 def local_sweep(tmp_path_factory, sweep_config):
-    """SIGTERM after the first row, SIGKILL after the next, then a run to the end with --select."""
+    """SIGTERM after the first row, SIGKILL after the next, then a run to the end with --select (in this
+    process: no signal is sent to it)."""
     out = tmp_path_factory.mktemp("sweeps") / "local"
     first = start(sweep_config, out)
     stderr = stop_after_rows(first, out, 1, signal.SIGTERM)
@@ -71,9 +72,8 @@ def local_sweep(tmp_path_factory, sweep_config):
     second = start(sweep_config, out)
     stop_after_rows(second, out, len(after_term) + 1, signal.SIGKILL)
     assert second.returncode == -signal.SIGKILL
-    last = subprocess.run(cli_command("sweep", "--config", str(sweep_config), "--out", str(out), "--quiet",
-                                      "--select", "--select-by", "size"),
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    last = invoke_cli("sweep", "--config", str(sweep_config), "--out", str(out), "--quiet", "--select",
+                      "--select-by", "size")
     assert last.returncode == 0, last.stderr
     return out, after_term
 
