@@ -193,9 +193,9 @@ def multiple_with_room(n: int, k: int, blocks: list[list[int]], round_to: int) -
     room = len(blocks) + (1 if tied < n else 0)
     if k >= room:
         return k, None
-    wider = -(-room // round_to) * round_to
-    return min(wider, n), (f"{len(blocks)} pass-through clusters need width >= {room}: widened from {k} to the next "
-                           f"multiple of {round_to}, {min(wider, n)}")
+    wider = min(-(-room // round_to) * round_to, n)
+    return wider, (f"{len(blocks)} pass-through clusters need width >= {room}: widened from {k} to the next "
+                   f"multiple of {round_to}, {wider}")
 
 
 class ShortcutTooNarrow(BadInput):
@@ -298,6 +298,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
+def named_modules(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+    """The modules of ``model`` with these names; BadInput naming any that is not there."""
+    modules = dict(model.named_modules())
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise BadInput(f"protected layer(s) {', '.join(missing)} not found in the model; list module names as "
+                       f"printed by `foldship inspect`")
+    return [modules[name] for name in names]
+
+
 def compress_model(
     model: nn.Module,
     example_inputs,
@@ -337,14 +347,7 @@ def compress_model(
     work = copy.deepcopy(model).eval().to(device)
     example_inputs = example_inputs.to(device) if isinstance(example_inputs, torch.Tensor) else example_inputs
     rewritten = apply_rewrites(work, example_inputs)
-    names = dict(work.named_modules())
-    if protected is None:
-        protected_modules = output_layers(work, example_inputs)
-    else:
-        missing = [p for p in protected if p not in names]
-        if missing:
-            raise BadInput(f"protected layer(s) {', '.join(missing)} not found in the model; list module names as printed by `foldship inspect`")
-        protected_modules = [names[p] for p in protected]
+    protected_modules = output_layers(work, example_inputs) if protected is None else named_modules(work, protected)
     adapter = DependencyAdapter(work, example_inputs, protected_modules)
     result = CompressionResult(work, method, ratio, seed, groups, repair, rewritten_modules=rewritten)
     # bn-recalibrate: the uncompressed model's statistics on the calibration images, carried through every edit

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..compress.budget import (PROBE_COUNT, BudgetPlan, UnreachableTarget, allocate, check_targets, plan_for_macs,
                                planned_architecture, two_pass_survey)
+from ..compress.engine import named_modules
 from ..compress.widths import width_rule
 from ..errors import BadInput
 from ..exporters.fuse import fuse_batchnorm
@@ -45,14 +46,7 @@ def plan_budget(model: nn.Module, example, method: str, target_macs: float | Non
         return None
     check_targets(target_macs, target_latency, None)
     align = width_rule(round_to, budget=True).round_to
-    modules = None
-    if protected is not None:
-        named = dict(model.named_modules())
-        missing = [name for name in protected if name not in named]
-        if missing:
-            raise BadInput(f"protected layer(s) {', '.join(missing)} not found in the model; list module names as "
-                           f"printed by `foldship inspect`")
-        modules = [named[name] for name in protected]
+    modules = None if protected is None else named_modules(model, protected)
     probe = None if calibration is None else calibration[:PROBE_COUNT]
     if target_macs is not None:
         return plan_for_macs(model, example, target_macs, method, align, group_policy, modules, probe, seed, repair)
