@@ -510,8 +510,7 @@ def compress(
 
         refuse_ratio_with_target({"ratio": ratio, "target_macs": target_macs, "target_latency": target_latency})
         uniform = 0.3 if ratio is None else ratio
-        folder = RunFolder(out, overwrite)
-        try:
+        with RunFolder(out, overwrite) as folder:  # commits whole, or discards on any error or signal
             loaded = load_model(model, checkpoint, num_classes, input_size, checkpoint_map=checkpoint_map)
             chosen = None
             if calibration_data:  # kept apart from the images the model will be judged on, as in build
@@ -530,15 +529,11 @@ def compress(
                                           "calibration": None if chosen is None else chosen.summary()}
             save_compressed(result.model.cpu(), loaded, folder.path(SPEC_NAME), summary)
             folder.path("compression.json").write_text(json.dumps(summary, indent=2) + "\n")
-            final = folder.commit()
-        except BaseException:
-            folder.discard()
-            raise
         done = sum(g.action in ("folded", "pruned") for g in result.groups)
         out_console = Console()
         setting = f"{budget.mac_fraction:.3f}x MACs (budget)" if budget else f"ratio {uniform}"
         out_console.print(f"{method} at {setting}: {done} of {len(result.groups)} groups compressed in "
-                          f"{result.seconds:.2f} s; residual streams {result.residual_streams} -> {final}")
+                          f"{result.seconds:.2f} s; residual streams {result.residual_streams} -> {folder.final}")
         if chosen is not None:
             out_console.print(f"calibration: {len(chosen)} of {chosen.read} images ({chosen.near_copies} near-copies "
                               f"of the {chosen.evaluation} images dropped)")

@@ -91,7 +91,7 @@ def test_shipped_onnx_is_checked_bn_free_and_matches_pytorch(tmp_path, request, 
 
 @pytest.fixture(scope="module")
 def two_fp16_builds(tmp_path_factory):
-    """The same build, run twice in fresh processes."""
+    """The same build, run twice through the CLI in this process (invoke_cli)."""
     root = tmp_path_factory.mktemp("determinism")
     config = root / "fast.yaml"
     config.write_text(yaml.safe_dump({"precision": "fp16", "limit": 100, "batches": [1],

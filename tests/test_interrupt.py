@@ -113,3 +113,18 @@ def test_signal_during_distillation_keeps_previous_run_or_nothing(tmp_path, sign
         assert {p.name: p.read_text() for p in out.iterdir()} == PREVIOUS
     else:
         assert list(parent.iterdir()) == []
+
+
+def test_a_run_folder_writes_nothing_before_its_block_and_leaves_nothing_after_an_interrupt_in_it(tmp_path):
+    from foldship.pipeline.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "runs" / "nested" / "run")
+    assert list(tmp_path.iterdir()) == []  # a signal between construction and the block has nothing to leave
+    with pytest.raises(KeyboardInterrupt):
+        with folder:
+            folder.path("report.json").write_text("{}")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []  # staging folder and the folders created above it are gone
+    with RunFolder(tmp_path / "runs" / "run") as folder:
+        folder.path("report.json").write_text("{}")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["run"]

@@ -14,7 +14,7 @@ from foldship.files import sha256_of
 from foldship.models.saved import NotDescribable
 from foldship.validators import count_params
 
-from .conftest import RESNET20
+from .conftest import RESNET20, invoke_cli
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,23 @@ def test_a_fresh_interpreter_loads_a_compressed_model_without_the_compression_en
     with torch.no_grad():
         expected = folded_resnet56(images)
     assert torch.allclose(torch.from_numpy(np.load(saved / "fresh.npy")), expected, rtol=0, atol=1e-5)
+
+
+def test_the_compress_command_writes_what_the_api_compresses_and_keeps_it_on_bad_input(resnet20, cifar_eval, tmp_path):
+    out = tmp_path / "stage"
+    args = ("compress", "--model", "cifar_resnet20", "--checkpoint", str(RESNET20), "--ratio", "0.3", "--groups", "inner",
+            "--round-to", "1", "--out", str(out))
+    result = invoke_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["compressed.json", "compressed.safetensors", "compression.json"]
+    from foldship.compress import compress
+
+    expected = compress(resnet20.model, resnet20.example_inputs(2), "fold", 0.3, groups="inner", round_to=1)
+    images = cifar_eval.x[:100]
+    with torch.no_grad():
+        assert torch.equal(foldship.load_compressed(out).model(images), expected(images))
+    digests = {p.name: sha256_of(p) for p in out.iterdir()}
+    again = invoke_cli(*args)  # the folder exists: refused, one line, nothing touched, no staging folder left
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "--overwrite" in again.stderr
+    assert {p.name: sha256_of(p) for p in out.iterdir()} == digests
+    assert [p.name for p in tmp_path.iterdir()] == ["stage"]

@@ -29,15 +29,10 @@ def export(config: BuildConfig, run: str | Path | None = None, progress: StagePr
     progress = progress or StageProgress(quiet=True)
     config.validate()
     sources = _run_folder_sources(Path(run)) if run is not None else None
-    folder = RunFolder(config.out, config.overwrite)
-    try:
+    with RunFolder(config.out, config.overwrite) as folder:  # commits whole, or discards on any error or signal
         report = _export_stages(config, sources, folder, progress)
         folder.write_json("export.json", report)
-        out = folder.commit()
-    except BaseException:
-        folder.discard()
-        raise
-    return BuildOutcome(report, str(out))
+    return BuildOutcome(report, str(folder.final))
 
 
 def _run_folder_sources(run: Path) -> dict:

@@ -47,6 +47,10 @@ def signals_deferred():
 
 
 class RunFolder:
+    """A run folder written whole or not at all: ``with RunFolder(out) as folder`` writes into a hidden
+    staging folder beside ``out`` and moves it into place when the block ends without an error; on any
+    error or signal the staging folder (and any folder this run created above it) is removed."""
+
     def __init__(self, out: str | Path, overwrite: bool = False):
         self.final = Path(out)
         if self.final.exists() and not self.final.is_dir():
@@ -56,6 +60,12 @@ class RunFolder:
         parent = self.final.parent
         # The folders this run creates above the run folder, deepest first: removed again on failure.
         self.created = [p for p in (parent, *parent.parents) if not p.exists()]
+        self.staging: Path | None = None
+
+    def __enter__(self) -> "RunFolder":
+        # Created here, not in __init__: a signal between __init__ and the with block would otherwise
+        # leave the staging folder behind (no __exit__ runs for a block that never started).
+        parent = self.final.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self.staging = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=parent))
@@ -63,10 +73,11 @@ class RunFolder:
             os.umask(umask)
             self.staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the run folder private
         except OSError as exc:
-            self._remove_created()
+            self.discard()
             raise BadInput(f"cannot write to {parent} ({exc.strerror}); choose a writable --out") from None
-
-    def __enter__(self) -> "RunFolder":
+        except BaseException:
+            self.discard()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -106,7 +117,8 @@ class RunFolder:
 
     def discard(self) -> None:
         with signals_deferred():
-            shutil.rmtree(self.staging, ignore_errors=True)
+            if self.staging is not None:
+                shutil.rmtree(self.staging, ignore_errors=True)
             self._remove_created()
 
     def _remove_created(self) -> None:
