@@ -7,7 +7,8 @@ from torch import nn
 
 from foldship.compress import compress_model
 from foldship.compress import channel_groups
-from foldship.compress.budget import PROBE_RESTARTS, check_targets, output_damage, probe_inputs
+from foldship.compress.budget import (PROBE_COUNT, PROBE_RESTARTS, SURVEY_RECALIBRATION_COUNT, check_targets,
+                                     output_damage, probe_inputs)
 from foldship.compress.widths import ratio_for_width, width_rule
 from foldship.errors import BadInput
 from foldship.models import load_model
@@ -143,6 +144,29 @@ def test_a_fold_ar_build_is_planned_from_the_damage_fold_ar_leaves(resnet20):
             measured = output_damage(model(probe), narrowed(probe))
         assert survey.first_pass[0].damage[-1] == (width, pytest.approx(measured, rel=1e-6))
     assert plain.first_pass[0].name == group.name and plain.first_pass[0].damage[-1][1] > 1.1 * damage  # 0.88 vs 0.74
+
+
+def test_a_bn_recalibrate_build_is_planned_from_the_damage_left_after_bn_statistics(resnet20, cifar_eval):
+    # With images past the probe's, every survey compression re-estimates BN statistics on the next
+    # SURVEY_RECALIBRATION_COUNT of them (never on the probe itself); with the probe's images only it
+    # cannot, and surveys without a repair.
+    model, x = resnet20.model, resnet20.example_inputs(2)
+    images = cifar_eval.x[:PROBE_COUNT + SURVEY_RECALIBRATION_COUNT + 8]
+    settings = dict(target_macs=0.7, round_to=8, group_policy="inner", repair="bn-recalibrate")
+    plan = plan_budget(model, x, "fold", calibration=images, **settings)
+    short = plan_budget(model, x, "fold", calibration=images[:PROBE_COUNT], **settings)
+    assert (plan.summary()["survey_repair"], short.summary()["survey_repair"]) == ("bn-recalibrate", "none")
+    group = plan.first_pass[0]
+    width, damage = group.damage[-1]
+    keep = {name: 0.0 for name in (g.name for g in channel_groups(model, x))}
+    narrowed = compress_model(model, x, "fold", 0.5, groups="inner", restarts=PROBE_RESTARTS, repair="bn-recalibrate",
+                              calibration=images[PROBE_COUNT:PROBE_COUNT + SURVEY_RECALIBRATION_COUNT],
+                              group_ratios=keep | {group.name: ratio_for_width(group.size, width)}).model.eval()
+    probe = images[:PROBE_COUNT]
+    with torch.no_grad():
+        assert damage == pytest.approx(output_damage(model(probe), narrowed(probe)), rel=1e-6)
+    # Folded channels lose variance that fresh BN statistics restore: far less damage than unrepaired.
+    assert short.first_pass[0].name == group.name and damage < 0.5 * short.first_pass[0].damage[-1][1]
 
 
 def test_unreachable_mac_target_is_refused(dead_half):

@@ -14,8 +14,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..compress.budget import (PROBE_COUNT, BudgetPlan, UnreachableTarget, allocate, check_targets, plan_for_macs,
-                               planned_architecture, two_pass_survey)
+from ..compress.budget import (PROBE_COUNT, SURVEY_RECALIBRATION_COUNT, BudgetPlan, UnreachableTarget, allocate,
+                               check_targets, plan_for_macs, planned_architecture, two_pass_survey)
 from ..compress.engine import named_modules
 from ..compress.widths import width_rule
 from ..errors import BadInput
@@ -41,29 +41,32 @@ def plan_budget(model: nn.Module, example, method: str, target_macs: float | Non
     (a whole number, or "auto"/None: the kernel block ``width_rule`` picks for a budget). Damage is
     measured on the first PROBE_COUNT ``calibration`` images when given (unlabelled, never the
     evaluation images), else on seeded smooth noise, with the build's ``repair`` when the survey can
-    use it (``two_pass_survey``). A latency target is timed with ``threads`` (0: the default)."""
+    use it (``survey_repair``; its BN statistics from the next SURVEY_RECALIBRATION_COUNT images). A latency target is timed with ``threads`` (0: the default)."""
     if target_macs is None and target_latency is None:
         return None
     check_targets(target_macs, target_latency, None)
     align = width_rule(round_to, budget=True).round_to
     modules = None if protected is None else named_modules(model, protected)
     probe = None if calibration is None else calibration[:PROBE_COUNT]
+    recalibration = None if calibration is None or len(calibration) <= PROBE_COUNT else \
+        calibration[PROBE_COUNT:PROBE_COUNT + SURVEY_RECALIBRATION_COUNT]
     if target_macs is not None:
-        return plan_for_macs(model, example, target_macs, method, align, group_policy, modules, probe, seed, repair)
+        return plan_for_macs(model, example, target_macs, method, align, group_policy, modules, probe, seed, repair,
+                             recalibration)
     with onnx_latency(model, example, threads) as measure:
         return plan_for_latency(model, example, target_latency, method, align, measure, group_policy, modules, probe,
-                                seed, repair)
+                                seed, repair, recalibration)
 
 
 def plan_for_latency(model: nn.Module, example, target_latency: float, method: str, align: int,
                      measure: LatencyMeasure, group_policy: str = "all",
                      protected: Sequence[nn.Module] | None = None, probe: torch.Tensor | None = None, seed: int = 0,
-                     repair: str = "none") -> BudgetPlan:
+                     repair: str = "none", recalibration: torch.Tensor | None = None) -> BudgetPlan:
     """Per-group widths whose latency, as ``measure`` finds it, is at most ``target_latency`` of the
     baseline's: MAC plans corrected by measurement each round, every round recorded in the plan."""
     try:
         plan, macs = two_pass_survey(model, example, method, target_latency, align, group_policy, protected, probe,
-                                     seed, repair)
+                                     seed, repair, recalibration)
         plan.target = "latency"
         mac_goal = target_latency
         for _ in range(LATENCY_ROUNDS):
