@@ -353,7 +353,7 @@ def survey_repair(method: str, repair: str, recalibration: torch.Tensor | None) 
     benchmarks/recovery.py), fold-ar when the build folds with it. Reconstruct is left out: it
     would re-solve every consumer layer for each of ~100 compressions."""
     steps = repair_steps(repair)
-    if "bn-recalibrate" in steps and recalibration is not None:
+    if "bn-recalibrate" in steps and recalibration is not None and len(recalibration):
         return "bn-recalibrate"
     return "fold-ar" if method == "fold" and "fold-ar" in steps else "none"
 

@@ -41,15 +41,15 @@ def plan_budget(model: nn.Module, example, method: str, target_macs: float | Non
     (a whole number, or "auto"/None: the kernel block ``width_rule`` picks for a budget). Damage is
     measured on the first PROBE_COUNT ``calibration`` images when given (unlabelled, never the
     evaluation images), else on seeded smooth noise, with the build's ``repair`` when the survey can
-    use it (``survey_repair``; its BN statistics from the next SURVEY_RECALIBRATION_COUNT images). A latency target is timed with ``threads`` (0: the default)."""
+    use it (``survey_repair``; BN statistics from the next SURVEY_RECALIBRATION_COUNT images). A
+    latency target is timed with ``threads`` (0: the default)."""
     if target_macs is None and target_latency is None:
         return None
     check_targets(target_macs, target_latency, None)
     align = width_rule(round_to, budget=True).round_to
     modules = None if protected is None else named_modules(model, protected)
     probe = None if calibration is None else calibration[:PROBE_COUNT]
-    recalibration = None if calibration is None or len(calibration) <= PROBE_COUNT else \
-        calibration[PROBE_COUNT:PROBE_COUNT + SURVEY_RECALIBRATION_COUNT]
+    recalibration = None if calibration is None else calibration[PROBE_COUNT:PROBE_COUNT + SURVEY_RECALIBRATION_COUNT]
     if target_macs is not None:
         return plan_for_macs(model, example, target_macs, method, align, group_policy, modules, probe, seed, repair,
                              recalibration)
