@@ -216,6 +216,7 @@ def sweep(
     method: Optional[list[str]] = typer.Option(None, help="fold, prune-l1, prune-l2; repeat for more."),
     ratio: Optional[list[float]] = typer.Option(None, help="Fraction of channels removed, in (0, 1); repeat for more."),
     groups: Optional[str] = typer.Option(None, help="all: every group (paper); inner: keep residual streams whole."),
+    round_to: Optional[str] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     repair: Optional[list[str]] = typer.Option(None, help="A repair as in build --repair (e.g. none, fold-ar, "
                                                            "reconstruct+bn-recalibrate); repeat for more."),
     calibration_data: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
@@ -257,7 +258,7 @@ def sweep(
         from .sweep import load_sweep_config, run_sweep
 
         cfg = load_sweep_config(config, model=model, checkpoint=checkpoint or None, method=method or None,
-                                ratio=ratio or None, groups=groups, repair=repair or None,
+                                ratio=ratio or None, groups=groups, round_to=_round_to(round_to), repair=repair or None,
                                 finetune=finetune or None, finetune_epochs=finetune_epochs or None,
                                 finetune_minutes=finetune_minutes or None, finetune_lr=finetune_lr or None,
                                 finetune_batch=finetune_batch or None, finetune_images=finetune_images or None,

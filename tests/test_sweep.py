@@ -216,3 +216,20 @@ def test_recovery_is_a_sweep_axis(tmp_path):
     drops = [r.baseline_accuracy - r.accuracy for r in (distilled, plain)]
     assert choose(outcome.rows, "size", {"max_accuracy_drop": sum(drops) / 2}).row.key == distilled.key
     assert choose(outcome.rows, "size", {"max_accuracy_drop": min(drops) / 2}).row is None
+
+
+def test_round_to_on_the_sweep_command_sets_every_jobs_widths(sweep_config, tmp_path):
+    """`foldship sweep --round-to 8` builds each job with widths in multiples of 8, as build --round-to does:
+    ratio 0.3 of ResNet-20's 16/32/64 inner channels is 11/22/44 raw, none a multiple of 8."""
+    out = tmp_path / "sweep"
+    result = invoke_cli("sweep", "--config", str(sweep_config), "--out", str(out), "--quiet", "--method", "fold",
+                        "--ratio", "0.3", "--groups", "inner", "--round-to", "8")
+    assert result.returncode == 0, result.stderr
+    (row,) = [json.loads(line) for line in stored_lines(out)]
+    report = row["report"]
+    assert report["round_to"] == 8
+    narrowed = [g for g in report["compression"]["groups"] if g["kept"] < g["width"]]
+    assert narrowed and all(g["kept"] % 8 == 0 for g in narrowed), narrowed
+    refused = invoke_cli("sweep", "--config", str(sweep_config), "--out", str(tmp_path / "bad"), "--round-to", "some")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "round" in refused.stderr and not (tmp_path / "bad").exists()
