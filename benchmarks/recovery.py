@@ -17,7 +17,7 @@ section and writes benchmarks/results/recovery.json (every report's numbers, wal
 
     .venv/bin/python benchmarks/recovery.py [--cases resnet56 resnet20 lite0] [--methods fold prune-l1 prune-l2]
         [--repairs fold-ar bn-recalibrate reconstruct] [--sections recovery repairs] [--threads 2]
-        [--epochs N] [--lr LR] [--batch B] [--recovery-repair NAME]
+        [--epochs N] [--lr LR] [--batch B] [--recovery-repair NAME] [--round-to N|auto]
 """
 from __future__ import annotations
 
@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="distillation epochs (default: each case's)")
     parser.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: each case's)")
     parser.add_argument("--batch", type=int, default=None, help="distillation batch size (default: each case's)")
+    parser.add_argument("--round-to", default=None,
+                        help="channel multiple of every build's widths, as foldship build takes it (default: each case's)")
     parser.add_argument("--threads", type=int, default=0, help="threads for distillation and ONNX Runtime (0: all)")
     parser.add_argument("--out", default="benchmarks/results/recovery.json")
     args = parser.parse_args()
@@ -119,6 +121,8 @@ def main() -> None:
                 cells += [("repairs", METHOD_REPAIRS.get(method, {}).get(r, r), {}) for r in args.repairs]
             for section, repair, finetune in cells:
                 settings = case["config"] | {"method": method, "repair": repair, **finetune}
+                if args.round_to is not None:
+                    settings["round_to"] = int(args.round_to) if args.round_to.isdigit() else args.round_to
                 row = {"case": name, "section": section, "method": method, "repair": repair,
                        "finetune": finetune, **summarise(run_build(settings, args.threads))}
                 rows.append(row)
@@ -126,7 +130,8 @@ def main() -> None:
     print_tables(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "threads": args.threads, "environment": fingerprint()}, indent=2) + "\n")
+    out.write_text(json.dumps({"rows": rows, "threads": args.threads, "round_to": args.round_to,
+                               "environment": fingerprint()}, indent=2) + "\n")
     print(f"\nwrote {out}")
 
 
