@@ -32,7 +32,7 @@ import torch
 from foldship.compress import compress_model
 from foldship.compress.budget import MacModel
 from foldship.compress.groups import DependencyAdapter, output_layers
-from foldship.compress.widths import ratio_for_width
+from foldship.compress.widths import ratio_for_width, round_to_from_text
 from foldship.data import load_images
 from foldship.exporters import ExportOptions, export_model
 from foldship.pipeline.budget import plan_budget
@@ -88,10 +88,11 @@ def main() -> None:
     parser.add_argument("--target-macs", type=float, default=None, help="default: the example config's target_macs")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N images (smoke runs)")
     parser.add_argument("--rounds", type=int, default=60, help="latency rounds (every model runs once a round)")
-    parser.add_argument("--round-to", default="auto", help="the budget's channel multiple: auto or a number")
+    parser.add_argument("--round-to", default="auto", type=round_to_from_text,
+                        help="the budget's channel multiple: auto or a number")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "efficientnet_lite0.json")
     args = parser.parse_args()
-    round_to = int(args.round_to) if args.round_to.isdigit() else args.round_to
+    round_to = args.round_to
     keep_freed_memory()  # as the CLI does
 
     config = load_config(CONFIG, data=str(SHARED_DATA / "imagenet_sample"))

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from foldship.compress.widths import round_to_from_text
 from foldship.errors import BadInput
 from foldship.pipeline.build import build
 from foldship.pipeline.config import SHARED_DATA, load_config, read_yaml
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="distillation epochs (default: each case's)")
     parser.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: each case's)")
     parser.add_argument("--batch", type=int, default=None, help="distillation batch size (default: each case's)")
-    parser.add_argument("--round-to", default=None,
+    parser.add_argument("--round-to", default=None, type=round_to_from_text,
                         help="channel multiple of every build's widths, as foldship build takes it (default: each case's)")
     parser.add_argument("--threads", type=int, default=0, help="threads for distillation and ONNX Runtime (0: all)")
     parser.add_argument("--out", default="benchmarks/results/recovery.json")
@@ -122,7 +123,7 @@ def main() -> None:
             for section, repair, finetune in cells:
                 settings = case["config"] | {"method": method, "repair": repair, **finetune}
                 if args.round_to is not None:
-                    settings["round_to"] = int(args.round_to) if args.round_to.isdigit() else args.round_to
+                    settings["round_to"] = args.round_to
                 row = {"case": name, "section": section, "method": method, "repair": repair,
                        "finetune": finetune, **summarise(run_build(settings, args.threads))}
                 rows.append(row)

@@ -175,13 +175,15 @@ def build(
     imports that file and runs its code; exported: and onnx: models load without running any.
     """
     def body():
+        from .compress.widths import round_to_from_text
         from .pipeline.build import build as run_build
         from .pipeline.config import load_config
 
         cfg = load_config(config, model=model, checkpoint=checkpoint, method=method, ratio=ratio, groups=groups,
                           repair=repair, calibration_data=calibration_data, finetune=finetune,
                           finetune_epochs=finetune_epochs, finetune_minutes=finetune_minutes, finetune_lr=finetune_lr,
-                          finetune_batch=finetune_batch, finetune_images=finetune_images, round_to=_round_to(round_to),
+                          finetune_batch=finetune_batch, finetune_images=finetune_images,
+                          round_to=round_to_from_text(round_to),
                           target_macs=target_macs, target_latency=target_latency, checkpoint_map=checkpoint_map,
                           preprocess=preprocess, data=data, limit=limit, out=out, seed=seed, device=device,
                           threads=threads,
@@ -254,11 +256,13 @@ def sweep(
     paired fold - prune table (sweep.md), accuracy_vs_ratio.png and pareto.png.
     """
     def body():
+        from .compress.widths import round_to_from_text
         from .errors import GateFailed
         from .sweep import load_sweep_config, run_sweep
 
         cfg = load_sweep_config(config, model=model, checkpoint=checkpoint or None, method=method or None,
-                                ratio=ratio or None, groups=groups, round_to=_round_to(round_to), repair=repair or None,
+                                ratio=ratio or None, groups=groups, round_to=round_to_from_text(round_to),
+                                repair=repair or None,
                                 finetune=finetune or None, finetune_epochs=finetune_epochs or None,
                                 finetune_minutes=finetune_minutes or None, finetune_lr=finetune_lr or None,
                                 finetune_batch=finetune_batch or None, finetune_images=finetune_images or None,
@@ -501,7 +505,7 @@ def compress(
         import json
 
         from .compress import compress_model
-        from .compress.widths import width_rule
+        from .compress.widths import round_to_from_text, width_rule
         from .data import calibration_images, load_images
         from .models import load_model
         from .pipeline.config import BuildConfig, refuse_ratio_with_target
@@ -519,7 +523,8 @@ def compress(
                 chosen = calibration_images(calibration_data, loaded.preprocessing, evaluation)
             calibration = None if chosen is None else chosen.x
             example = loaded.example_inputs(2)
-            widths = width_rule(_round_to(round_to), budget=target_macs is not None or target_latency is not None)
+            widths = width_rule(round_to_from_text(round_to),
+                                budget=target_macs is not None or target_latency is not None)
             budget = plan_budget(loaded.model, example, method, target_macs, target_latency, widths.round_to, groups,
                                  calibration=calibration, seed=seed, repair=repair)
             result = compress_model(loaded.model, example, method, uniform, seed, groups,
@@ -626,11 +631,6 @@ def _exit_on_failed_gates(report: dict, folder: str) -> None:
     if failed:
         err.print(f"[bold red]gate failed:[/] {', '.join(failed)} (report in {folder})")
         raise typer.Exit(3)
-
-
-def _round_to(text: str | None) -> int | str | None:
-    """--round-to: a whole number, or auto (anything else is left for check_round_to to refuse)."""
-    return int(text) if text is not None and text.lstrip("-").isdigit() else text
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:

@@ -45,6 +45,11 @@ def check_round_to(round_to: int | str | None) -> None:
         raise BadInput(f"round_to must be a whole number >= 1, got {round_to!r}; e.g. --round-to 8, or --round-to auto")
 
 
+def round_to_from_text(text: str | None) -> int | str | None:
+    """--round-to as typed: a whole number, or auto (anything else is left for check_round_to to refuse)."""
+    return int(text) if text is not None and text.lstrip("-").isdigit() else text
+
+
 @dataclass(frozen=True)
 class WidthRule:
     """The channel multiple every compressed width keeps (or the group stays whole), and why."""

@@ -33,7 +33,8 @@ def keep_freed_memory() -> bool:
     page-faulted in and zeroed by the kernel again on every pass, CPU time spent in the kernel
     rather than on the model (docs/speed.md). With mmap off for large blocks and no automatic
     trimming, freed blocks return to malloc's free lists and the next pass reuses them. Peak memory
-    is what the process holds at its largest, not more; an explicit ``malloc_trim`` still returns it. Returns whether the setting took (glibc only; idempotent).
+    is what the process holds at its largest, not more; an explicit ``malloc_trim`` still returns it.
+    Returns whether the setting took (glibc only; idempotent).
     """
     if not _ALLOCATOR["keeps_freed_memory"]:
         try:

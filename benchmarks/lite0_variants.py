@@ -1,0 +1,105 @@
+"""EfficientNet-Lite0 at --target-macs 0.80: what the budget survey's constants and the distillation
+temperature do to top-1 (docs/recovery.md, "What else was tried").
+
+The same stages as ``foldship build`` with examples/efficientnet_lite0_imagenet.yaml, evaluated on the
+first 500 ImageNet sample images and calibrated on the other 500, repair bn-recalibrate: the budget
+plan (with the survey constants given here in place of foldship's), compression, top-1 before
+distillation, then one distillation per temperature from the same compressed model (0.0001, batch
+32, 4 epochs, the recovery case's settings). Top-1 is PyTorch's on the CPU; no files are exported.
+The constants are module-level in foldship (compress/budget.py, compress/distill.py); this script
+sets them for its own process only.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/lite0_variants.py [--survey-recalibration 64]
+        [--first-pass-share 0.5] [--probe-count 32] [--temperatures 4 1 2] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from foldship.compress.engine import compress_model
+from foldship.data import calibration_images, load_images
+from foldship.pipeline.build import load_from_config
+from foldship.pipeline.config import SHARED_DATA, load_config, read_yaml
+from foldship.pipeline.environment import fingerprint, keep_freed_memory
+from foldship.validators import count_macs
+from foldship.validators.accuracy import classification_scores, evaluate_torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# Modules, not names: the constants are read from these modules' globals at call time.
+SURVEY = importlib.import_module("foldship.pipeline.budget")
+ALLOCATION = importlib.import_module("foldship.compress.budget")
+DISTILL = importlib.import_module("foldship.compress.distill")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--survey-recalibration", type=int, default=SURVEY.SURVEY_RECALIBRATION_COUNT,
+                        help="calibration images the survey re-estimates BN statistics on")
+    parser.add_argument("--first-pass-share", type=float, default=ALLOCATION.FIRST_PASS_SHARE,
+                        help="share of the MAC cut planned from each group's damage alone")
+    parser.add_argument("--probe-count", type=int, default=SURVEY.PROBE_COUNT, help="probe images of the survey")
+    parser.add_argument("--temperatures", type=float, nargs="*", default=[DISTILL.TEMPERATURE],
+                        help="distillation temperatures, each from the same compressed model (none: no distillation)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/lite0_variants.json")
+    args = parser.parse_args()
+    SURVEY.SURVEY_RECALIBRATION_COUNT, SURVEY.PROBE_COUNT = args.survey_recalibration, args.probe_count
+    ALLOCATION.FIRST_PASS_SHARE = args.first_pass_share
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+
+    config = load_config(None, **read_yaml(ROOT / "examples/efficientnet_lite0_imagenet.yaml") | {
+        "data": str(SHARED_DATA / "imagenet_sample"), "limit": 500, "calibration_data": str(SHARED_DATA / "imagenet_sample"),
+        "repair": "bn-recalibrate", "threads": args.threads, "out": "unused"})
+    start = time.perf_counter()
+    loaded = load_from_config(config)
+    data = load_images(config.data, loaded.preprocessing, config.limit, loaded.num_classes,
+                       input_shape=loaded.input_shape)
+    calibration = calibration_images(config.calibration_data, loaded.preprocessing, data, config.calibration_count,
+                                     config.seed).x
+    example = loaded.example_inputs(2)
+    round_to = config.width_rule().round_to
+    plan = SURVEY.plan_budget(loaded.model, example, config.method, config.target_macs, None, round_to,
+                              config.groups, config.protected, args.threads, calibration, config.seed, config.repair)
+    compressed = compress_model(loaded.model, example, config.method, config.ratio, config.seed, config.groups,
+                                plan.group_ratios(), config.protected, round_to, repair=config.repair,
+                                calibration=calibration).model.cpu().eval()
+
+    def top1(model) -> int:
+        return classification_scores(evaluate_torch(model.eval(), data.x), data.y, loaded.num_classes)["correct"]
+
+    result = {"survey_recalibration": args.survey_recalibration, "first_pass_share": args.first_pass_share,
+              "probe_count": args.probe_count, "baseline": top1(loaded.model), "total": len(data),
+              "mac_ratio": count_macs(compressed, example) / count_macs(loaded.model, example),
+              "widths": {g.name: [g.width, g.size] for g in plan.groups if g.width != g.size},
+              "before": top1(compressed), "plan_seconds": round(time.perf_counter() - start), "after": {}}
+    black = [-m / s for m, s in zip(loaded.preprocessing.mean, loaded.preprocessing.std)]
+    settings = DISTILL.DistillSettings(epochs=4, lr=1e-4, batch=32, seed=config.seed, threads=args.threads)
+    loss = DISTILL.distillation_loss
+    for temperature in args.temperatures:
+        DISTILL.distillation_loss = lambda student, teacher, t=temperature: loss(student, teacher, t)
+        student = copy.deepcopy(compressed)
+        DISTILL.distill(student, loaded.model, calibration, settings, "cpu", black)
+        result["after"][str(temperature)] = top1(student)
+    DISTILL.distillation_loss = loss
+
+    print(f"\n| survey BN images | first-pass share | probe images | MACs | baseline | before distillation | "
+          f"after, by temperature |\n|---:|---:|---:|---:|---:|---:|---|\n| {args.survey_recalibration} | "
+          f"{args.first_pass_share:g} | {args.probe_count} | {result['mac_ratio']:.3f}x | "
+          f"{result['baseline']}/{len(data)} | {result['before']}/{len(data)} | "
+          + (", ".join(f"T={t}: {c}" for t, c in result["after"].items()) or "not distilled") + " |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result | {"environment": fingerprint()}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
