@@ -77,3 +77,12 @@ def test_a_report_entry_reads_back_as_the_same_speedup():
     speed = Speedup(1.25, 1.125, 1.5, 3, 0.75)  # values exact in the report's 4 decimals
     entry = speed_summary(speed, "onnxruntime-cpu", 16, 0.5)
     assert Speedup.from_dict(entry) == speed and entry["verdict"] == "faster" and entry["realised_share"] == 0.25
+
+
+def test_the_sentence_reads_as_text_re_rendered_from_the_stored_entry():
+    """An interval end of 1.05504 prints 1.06, but the report stores 1.055 (4 decimals), which prints
+    1.05: the sentence must be worded from what is stored, as sweep tables re-render it."""
+    entry = speed_summary(Speedup(1.0871, 1.05504, 1.0912, 6, 0.97), "onnxruntime-cpu", 16, 0.7)
+    assert entry["low"] == 1.055
+    assert entry["sentence"].startswith(f"{change_text(Speedup.from_dict(entry))} at batch 16")
+    assert "(1.05-1.09)" in entry["sentence"]

@@ -121,7 +121,10 @@ def recorded_speedup(entry: dict, backend: str, batch: str) -> Speedup:
 
 
 def speed_summary(speedup: Speedup, backend: str, batch: int, mac_ratio: float | None) -> dict:
-    """The report's ``speed`` entry: the headline comparison with everything behind its sentence."""
+    """The report's ``speed`` entry: the headline comparison with everything behind its sentence.
+    The sentence is worded from the stored (rounded) figures, so text re-rendered from the entry
+    (``speed_cell`` in sweep tables) reads the same: 1.05504 prints 1.06, stored as 1.055 it prints 1.05."""
+    speedup = Speedup.from_dict(speedup.as_dict())
     share = realised_share(speedup.value, mac_ratio)
     return {"backend": backend, "batch": batch, **speedup.as_dict(),
             "mac_ratio": None if mac_ratio is None else round(mac_ratio, 4),
