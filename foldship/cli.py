@@ -243,7 +243,8 @@ def sweep(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray instance)."),
     workers: Optional[int] = typer.Option(None, help="Local parallel jobs (default: usable cores / threads)."),
     select: bool = typer.Option(False, help="Build the job that passes every gate with the lowest latency (or size) "
-                                            "into <out>/selected."),
+                                            "into <out>/selected; by latency, without --min-speedup, a job measurably "
+                                            "slower than its baseline is never chosen."),
     select_by: Optional[str] = typer.Option(None, help="What --select minimises: latency (default) or size."),
     overwrite: bool = typer.Option(False, help="Drop the rows stored in --out and start the sweep again."),
     trust_checkpoint: bool = typer.Option(False, help="Allow pickled objects in the checkpoints (runs their code!)."),
@@ -281,7 +282,7 @@ def sweep(
                               f"{cost['job_seconds_mean']:.1f} s per job) -> {outcome.out}/sweep.md")
         if outcome.selection is not None:
             if outcome.selection.outcome is None:
-                raise GateFailed(f"no job of the sweep passes every gate; nothing selected (rows in {outcome.out})")
+                raise GateFailed(f"{outcome.selection.reason}; nothing selected (rows in {outcome.out})")
             if not quiet:
                 _print_summary(outcome.selection.outcome.report, outcome.selection.outcome.out)
             _exit_on_failed_gates(outcome.selection.outcome.report, outcome.selection.outcome.out)

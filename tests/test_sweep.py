@@ -2,6 +2,8 @@
 the paired table matches the rows, --select rebuilds the chosen job, and Ray gives the same accuracy."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -15,6 +17,7 @@ import yaml
 
 from foldship.errors import BadInput
 from foldship.sweep import load_sweep_config, run_sweep
+from foldship.sweep.select import choose
 from foldship.sweep.store import RESULTS, Row
 from foldship.validators import evaluate_torch
 
@@ -127,6 +130,31 @@ def test_select_rebuilds_the_smallest_passing_job(local_sweep):
     assert (out / "selected" / "compressed.onnx").is_file()
 
 
+def with_speed_verdict(row: Row, verdict: str) -> Row:
+    """The same stored row with its engine judged ``verdict`` against its baseline."""
+    report = copy.deepcopy(row.report)
+    report["speed"]["verdict"] = verdict
+    return dataclasses.replace(row, report=report)
+
+
+def test_select_by_latency_never_ships_a_measurably_slower_engine(local_sweep):
+    """Without a min_speedup gate, selecting by latency skips a passing job whose engine was measurably slower
+    than its baseline; selecting by size does not look at speed."""
+    out, _ = local_sweep
+    rows = sorted((Row(**json.loads(line)) for line in stored_lines(out)), key=lambda r: (r.latency_ms(), r.key))
+    everyone = {"max_accuracy_drop": 1.0}  # every job passes the accuracy gate
+    assert all(r.passes(everyone) for r in rows) and rows[0].latency_ms() < rows[1].latency_ms()
+    fastest_slower = [with_speed_verdict(rows[0], "slower")] + [with_speed_verdict(r, "faster") for r in rows[1:]]
+    selection = choose(fastest_slower, "latency", everyone)
+    assert selection.row.key == rows[1].key and selection.slower_passed == 1
+    all_slower = [with_speed_verdict(r, "slower") for r in rows]
+    selection = choose(all_slower, "latency", everyone)
+    assert selection.row is None and selection.slower_passed == len(rows) == 4
+    assert "4 passed but were measurably slower" in selection.as_dict()["reason"]
+    smallest = min(rows, key=lambda r: (r.size_bytes, -r.accuracy, r.key))
+    assert choose(all_slower, "size", everyone).row.key == smallest.key
+
+
 def test_ray_executor_gives_identical_accuracy(local_sweep, sweep_config, tmp_path):
     pytest.importorskip("ray")
     out, _ = local_sweep
@@ -186,7 +214,6 @@ def test_recovery_is_a_sweep_axis(tmp_path):
     """finetune and its settings are grid keys: a plain and a distilled job of the same compression, each row
     carrying its recovery, the before-recovery top-1 of one equal to the plain job's top-1, and selection
     judging the distilled row like any other."""
-    from foldship.sweep.select import choose
 
     from .conftest import CIFAR_JPEG
 
@@ -208,6 +235,7 @@ def test_recovery_is_a_sweep_axis(tmp_path):
     assert recovery["before"]["correct"] == plain.report["compressed"]["correct"]
     assert distilled.accuracy_before_recovery == plain.accuracy
     table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "No pairs: no ratio and repair of this grid ran both fold" in table and "| fold top-1 |" not in table  # fold only
     assert f"| fold | 0.3 | fold-ar | {label} | {100 * distilled.accuracy:.1f}% | {100 * plain.accuracy:.1f}% |" in table
     assert outcome.summary["grid"]["finetunes"] == ["none", label]
     # 16 steps recover accuracy here (measured on the 1,000 images: 76.3 -> 82.3 %), so a gate between the two

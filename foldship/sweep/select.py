@@ -1,4 +1,10 @@
-"""``--select``: the job that passes every gate with the lowest latency (or size), built again as a run folder."""
+"""``--select``: the job that passes every gate with the lowest latency (or size), built again as a run folder.
+
+Selecting by latency asks for a faster engine, so without a ``min_speedup`` gate a job measurably slower
+than its own baseline (its speed verdict "slower") is never chosen: the lowest latency among smaller,
+slower engines would otherwise ship a regression. A ``min_speedup`` gate replaces this rule with the
+user's own limit.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -18,11 +24,20 @@ class Selection:
     by: str
     row: Row | None  # None: no job passed the gates
     outcome: BuildOutcome | None = None
+    slower_passed: int = 0  # jobs that passed every gate but were left out as measurably slower than the baseline
+
+    @property
+    def reason(self) -> str:
+        """Why nothing was selected."""
+        if self.slower_passed:
+            return (f"no job passed every gate without being slower than its baseline ({self.slower_passed} passed "
+                    f"but were measurably slower; --min-speedup sets your own speed limit)")
+        return "no job passed every gate"
 
     def as_dict(self) -> dict:
         if self.row is None:
-            return {"by": self.by, "job": None, "reason": "no job passed every gate"}
-        return {"by": self.by, "job": self.row.key, "value": metric(self.row, self.by),
+            return {"by": self.by, "job": None, "reason": self.reason, "slower_passed": self.slower_passed}
+        return {"by": self.by, "job": self.row.key, "value": metric(self.row, self.by), "slower_passed": self.slower_passed,
                 "accuracy": self.row.accuracy, "run_folder": self.outcome.out if self.outcome else None,
                 "run_folder_gates_passed": self.outcome.passed if self.outcome else None}
 
@@ -32,11 +47,18 @@ def metric(row: Row, by: str) -> float:
     return row.latency_ms() if by == "latency" else row.size_bytes
 
 
+def measurably_slower(row: Row) -> bool:
+    """The job's engine ran slower than its baseline: the speed interval lies wholly below 1."""
+    return (row.report.get("speed") or {}).get("verdict") == "slower"
+
+
 def choose(rows: list[Row], by: str, limits: dict[str, float | None]) -> Selection:
     passing = [r for r in rows if r.passes(limits)]
+    speed_rule = by == "latency" and limits.get("min_speedup") is None
+    eligible = [r for r in passing if not (speed_rule and measurably_slower(r))]
     # Ties (same size at one ratio) go to the more accurate job, then to the key: the choice is reproducible.
-    best = min(passing, key=lambda r: (metric(r, by), -r.accuracy, r.key), default=None)
-    return Selection(by, best)
+    best = min(eligible, key=lambda r: (metric(r, by), -r.accuracy, r.key), default=None)
+    return Selection(by, best, slower_passed=len(passing) - len(eligible))
 
 
 def build_selected(config: SweepConfig, selection: Selection, progress: StageProgress) -> Selection:

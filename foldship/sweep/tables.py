@@ -60,11 +60,16 @@ def render_markdown(summary: dict, rows: list[Row], paired: list[PairedDifferenc
         f"{', '.join(summary['grid']['repairs'])} x recoveries {', '.join(summary['grid'].get('finetunes', ['none']))}; seed {summary['settings']['seed']}; executor {plan['name']}, "
         f"{plan['threads']} thread(s) per job; driver on {env['cpu']} ({env['cpu_count']} cores).", "",
         "## Fold - prune, paired by checkpoint", "",
-        "Top-1 on the evaluation images (ONNX Runtime CPU), mean over the checkpoints both methods ran on; the "
-        "difference is in percentage points; fold wins where its top-1 is strictly higher.", "",
-        "| repair | ratio | vs | checkpoints | fold top-1 | prune top-1 | fold - prune (pt) | min .. max (pt) | fold wins |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+    if not paired:
+        lines += ["No pairs: no ratio and repair of this grid ran both fold and a prune method.", ""]
+    else:
+        lines += [
+            "Top-1 on the evaluation images (ONNX Runtime CPU), mean over the checkpoints both methods ran on; the "
+            "difference is in percentage points; fold wins where its top-1 is strictly higher.", "",
+            "| repair | ratio | vs | checkpoints | fold top-1 | prune top-1 | fold - prune (pt) | min .. max (pt) | fold wins |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
     for p in paired:
         lines.append(f"| {p.repair} | {p.ratio} | {p.pruner} | {p.checkpoints} | {_fmt_pct(p.fold_accuracy)} | "
                      f"{_fmt_pct(p.prune_accuracy)} | {p.mean_difference_pt:+.1f} | {p.min_difference_pt:+.1f} .. "
