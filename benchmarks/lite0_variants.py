@@ -1,16 +1,20 @@
-"""EfficientNet-Lite0 at --target-macs 0.80: what the budget survey's constants and the distillation
-temperature do to top-1 (docs/recovery.md, "What else was tried").
+"""EfficientNet-Lite0 at --target-macs 0.80: what the budget survey's constants, the distillation
+temperature and feature terms in the distillation loss do to top-1 (docs/recovery.md, "What else was tried").
 
 The same stages as ``foldship build`` with examples/efficientnet_lite0_imagenet.yaml, evaluated on the
 first 500 ImageNet sample images and calibrated on the other 500, repair bn-recalibrate: the budget
 plan (with the survey constants given here in place of foldship's), compression, top-1 before
-distillation, then one distillation per temperature from the same compressed model (0.0001, batch
-32, 4 epochs, the recovery case's settings). Top-1 is PyTorch's on the CPU; no files are exported.
+distillation, then one distillation per temperature and loss from the same compressed model (0.0001,
+batch 32, 4 epochs, the recovery case's settings). A loss is ``+``-joined terms: ``kl`` (foldship's),
+``head`` (the mean squared error of the 1,280-wide features before pooling, divided by the teacher's
+mean square: feature mimicking, Wang et al. 2022, "Compressing Models with Few Samples: Mimicking then
+Replacing"), ``stages`` (the same at each stage's output, averaged; the plan keeps their widths).
+Top-1 is PyTorch's on the CPU; no files are exported.
 The constants are module-level in foldship (compress/budget.py, compress/distill.py); this script
 sets them for its own process only.
 
     PYTHONPATH=. .venv/bin/python benchmarks/lite0_variants.py [--survey-recalibration 64]
-        [--first-pass-share 0.5] [--probe-count 32] [--temperatures 4 1 2] [--threads 2]
+        [--first-pass-share 0.5] [--probe-count 32] [--temperatures 4 1 2] [--losses kl head kl+head] [--threads 2]
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from foldship.compress.engine import compress_model
 from foldship.data import calibration_images, load_images
@@ -38,6 +43,53 @@ ALLOCATION = importlib.import_module("foldship.compress.budget")
 DISTILL = importlib.import_module("foldship.compress.distill")
 
 
+class WithFeatures(nn.Module):
+    """A timm EfficientNet whose output is its logits followed by the flattened features ``terms`` name:
+    distill() hands the loss one tensor per model, so the features travel in it."""
+
+    def __init__(self, model: nn.Module, terms: set[str]):
+        super().__init__()
+        unknown = terms - {"kl", "head", "stages"}
+        if unknown or not terms:
+            raise SystemExit(f"unknown loss terms {sorted(unknown)}; use kl, head and stages joined by +")
+        self.model, self.terms = model, terms
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[logits, features...] in the order the loss reads them."""
+        m, features = self.model, []
+        h = m.bn1(m.conv_stem(x))
+        for stage in m.blocks:
+            h = stage(h)
+            if "stages" in self.terms:
+                features.append(h)
+        h = m.bn2(m.conv_head(h))
+        if "head" in self.terms:
+            features.append(h)
+        return [m.forward_head(h)] + features
+
+    def sizes(self, x: torch.Tensor) -> list[int]:
+        with torch.no_grad():
+            return [p[0].numel() for p in self.parts(x)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.flatten(1) for p in self.parts(x)], 1)
+
+
+def feature_loss(kl, temperature: float, terms: set[str], sizes: list[int]):
+    """The distillation loss over WithFeatures outputs: each term's normalised error, the stages averaged."""
+    def loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        pieces = list(zip(student.split(sizes, 1), teacher.split(sizes, 1)))
+        (s_logits, t_logits), features = pieces[0], pieces[1:]
+        errors = [((s - t) ** 2).mean() / (t ** 2).mean() for s, t in features]
+        total = kl(s_logits, t_logits, temperature) if "kl" in terms else 0.0
+        if "head" in terms:
+            total = total + errors.pop()
+        if "stages" in terms:
+            total = total + sum(errors) / len(errors)
+        return total
+    return loss
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--survey-recalibration", type=int, default=SURVEY.SURVEY_RECALIBRATION_COUNT,
@@ -47,6 +99,9 @@ def main() -> None:
     parser.add_argument("--probe-count", type=int, default=SURVEY.PROBE_COUNT, help="probe images of the survey")
     parser.add_argument("--temperatures", type=float, nargs="*", default=[DISTILL.TEMPERATURE],
                         help="distillation temperatures, each from the same compressed model (none: no distillation)")
+    parser.add_argument("--losses", nargs="+", default=["kl"],
+                        help="distillation losses, each terms joined by + from kl, head, stages (every one is run "
+                             "at every temperature)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/lite0_variants.json")
     args = parser.parse_args()
@@ -82,19 +137,21 @@ def main() -> None:
               "before": top1(compressed), "plan_seconds": round(time.perf_counter() - start), "after": {}}
     black = [-m / s for m, s in zip(loaded.preprocessing.mean, loaded.preprocessing.std)]
     settings = DISTILL.DistillSettings(epochs=4, lr=1e-4, batch=32, seed=config.seed, threads=args.threads)
-    loss = DISTILL.distillation_loss
+    kl = DISTILL.distillation_loss
     for temperature in args.temperatures:
-        DISTILL.distillation_loss = lambda student, teacher, t=temperature: loss(student, teacher, t)
-        student = copy.deepcopy(compressed)
-        DISTILL.distill(student, loaded.model, calibration, settings, "cpu", black)
-        result["after"][str(temperature)] = top1(student)
-    DISTILL.distillation_loss = loss
+        for spec in args.losses:
+            terms = set(spec.split("+"))
+            student, teacher = WithFeatures(copy.deepcopy(compressed), terms), WithFeatures(loaded.model, terms)
+            DISTILL.distillation_loss = feature_loss(kl, temperature, terms, teacher.sizes(calibration[:1]))
+            DISTILL.distill(student, teacher, calibration, settings, "cpu", black)
+            result["after"][f"T={temperature:g} {spec}"] = top1(student.model)
+    DISTILL.distillation_loss = kl
 
     print(f"\n| survey BN images | first-pass share | probe images | MACs | baseline | before distillation | "
-          f"after, by temperature |\n|---:|---:|---:|---:|---:|---:|---|\n| {args.survey_recalibration} | "
+          f"after, by temperature and loss |\n|---:|---:|---:|---:|---:|---:|---|\n| {args.survey_recalibration} | "
           f"{args.first_pass_share:g} | {args.probe_count} | {result['mac_ratio']:.3f}x | "
           f"{result['baseline']}/{len(data)} | {result['before']}/{len(data)} | "
-          + (", ".join(f"T={t}: {c}" for t, c in result["after"].items()) or "not distilled") + " |")
+          + (", ".join(f"{t}: {c}" for t, c in result["after"].items()) or "not distilled") + " |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result | {"environment": fingerprint()}, indent=2) + "\n")
