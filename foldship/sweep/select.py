@@ -47,15 +47,10 @@ def metric(row: Row, by: str) -> float:
     return row.latency_ms() if by == "latency" else row.size_bytes
 
 
-def measurably_slower(row: Row) -> bool:
-    """The job's engine ran slower than its baseline: the speed interval lies wholly below 1."""
-    return (row.report.get("speed") or {}).get("verdict") == "slower"
-
-
 def choose(rows: list[Row], by: str, limits: dict[str, float | None]) -> Selection:
     passing = [r for r in rows if r.passes(limits)]
     speed_rule = by == "latency" and limits.get("min_speedup") is None
-    eligible = [r for r in passing if not (speed_rule and measurably_slower(r))]
+    eligible = [r for r in passing if not (speed_rule and r.measurably_slower)]
     # Ties (same size at one ratio) go to the more accurate job, then to the key: the choice is reproducible.
     best = min(eligible, key=lambda r: (metric(r, by), -r.accuracy, r.key), default=None)
     return Selection(by, best, slower_passed=len(passing) - len(eligible))

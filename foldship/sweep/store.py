@@ -77,6 +77,11 @@ class Row:
     def latency_ms(self, side: str = "compressed") -> float:
         return self.report[side]["latency"]["onnxruntime-cpu"][self.latency_batch]["p50_ms"]
 
+    @property
+    def measurably_slower(self) -> bool:
+        """The job's engine ran slower than its baseline: its speed interval lies wholly below 1."""
+        return (self.report.get("speed") or {}).get("verdict") == "slower"
+
     def passes(self, limits: dict[str, float | None]) -> bool:
         """Judged again under ``limits`` from the values its build measured, so a resumed sweep may move a
         limit without rebuilding; a gate the build did not measure fails, as in ``foldship build``."""
