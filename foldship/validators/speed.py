@@ -74,12 +74,15 @@ def realised_share(speedup: float, mac_ratio: float | None) -> float | None:
 
 
 def change_text(speedup: Speedup) -> str:
-    """The speed change alone: ``1.38x faster (1.30-1.45)``, ``1.04x slower (0.93-0.98)``, ``no
-    measurable difference (0.97-1.05)``; the parenthesis is the per-round speedup interval."""
-    spread = "" if speedup.low is None else f" ({speedup.low:.2f}-{speedup.high:.2f})"
+    """The speed change alone: ``1.38x faster (1.30-1.45)``, ``1.04x slower (1.02-1.08)``, ``no
+    measurable difference (0.97-1.05)``; the parenthesis is the per-round interval of the factor
+    named (a slowdown's is 1/high-1/low of the speedup's; no difference shows the speedup's)."""
+    factor, low, high = speedup.value, speedup.low, speedup.high
+    if speedup.verdict == "slower":
+        factor, low, high = 1.0 / factor, (None if high is None else 1.0 / high), (None if low is None else 1.0 / low)
+    spread = "" if low is None else f" ({low:.2f}-{high:.2f})"
     if speedup.verdict == "no measurable difference":
         return f"no measurable difference{spread}"
-    factor = speedup.value if speedup.verdict == "faster" else 1.0 / speedup.value
     return f"{factor:.2f}x {speedup.verdict}{spread}"
 
 
