@@ -123,6 +123,48 @@ def test_seeded_distillation_repeats_bit_for_bit(resnet20, folded, calibration):
     assert not all(other)  # another seed draws other batches and crops
 
 
+def test_depthwise_models_train_channels_last_on_the_cpu_and_come_back_in_the_default_layout(calibration, monkeypatch):
+    """MobileNetV2 (depthwise convolutions) trains in channels-last layout on the CPU; the student comes back
+    contiguous (safetensors and the exporters expect it), the caller's teacher keeps its layout, and the result
+    is the default layout's to rounding: the layouts only sum in another order (one epoch, 2 steps)."""
+    import copy
+
+    import torchvision
+
+    from foldship.compress import distill as module
+    from foldship.compress.distill import training_layout
+
+    torch.manual_seed(0)
+    teacher = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    folded_mobilenet = compress_model(teacher, calibration[:2], "fold", 0.25, groups="inner").model
+    images = calibration[:128]
+    assert training_layout(folded_mobilenet, images, torch.device("cpu")) == torch.channels_last
+    assert training_layout(folded_mobilenet, images, torch.device("cuda")) == torch.contiguous_format
+    assert training_layout(folded_mobilenet, images.flatten(2), torch.device("cpu")) == torch.contiguous_format
+    students, seen_layouts = {}, {}
+    for channels_last in (False, True):
+        monkeypatch.setattr(module, "CHANNELS_LAST_ON_CPU", channels_last)
+        students[channels_last] = copy.deepcopy(folded_mobilenet)
+        first_conv = next(m for m in students[channels_last].modules() if isinstance(m, torch.nn.Conv2d))
+        seen = seen_layouts.setdefault(channels_last, set())
+        hook = first_conv.register_forward_pre_hook(
+            lambda _, inputs, seen=seen: seen.add(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+        distill(students[channels_last], teacher, images, DistillSettings(epochs=1, batch=64, threads=1))
+        hook.remove()
+    assert seen_layouts == {False: {False}, True: {True}}  # each run trained on batches in its layout
+    for model in (students[True], teacher):
+        assert all(p.is_contiguous() for p in model.parameters())
+    with torch.no_grad():
+        a, b = students[False](images[:64]), students[True](images[:64])
+    assert float((a - b).abs().max()) <= 1e-3 * float(a.abs().max())
+
+
+def test_models_without_depthwise_convolutions_keep_the_default_layout(folded, calibration):
+    from foldship.compress.distill import training_layout
+
+    assert training_layout(folded, calibration, torch.device("cpu")) == torch.contiguous_format
+
+
 def test_a_model_without_trainable_parameters_is_refused(resnet20, folded, calibration):
     import copy
 
