@@ -39,15 +39,17 @@ if [ -z "${FOLDSHIP_SHARED_DATA:-}" ] && [ ! -d ../shared/data ] && [ -d .devdat
   export FOLDSHIP_SHARED_DATA="$PWD/.devdata"
 fi
 needs() { "$PYTHON" -c "import torch, torchvision, torch_pruning, numpy, scipy, yaml, safetensors" 2> /dev/null; }
-if ! needs && compgen -G ".whl/*.whl" > /dev/null; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/foldship-site .whl/*.whl
-  export PYTHONPATH="$PYTHONPATH:/tmp/foldship-site"
-fi
-if ! needs; then
-  echo "gpu_check: $PYTHON cannot import torch, torchvision, torch_pruning, numpy, scipy, yaml and safetensors;" \
-       "install requirements.lock, or put the missing wheels in .whl/ (benchmarks/gpu_check.sh --prepare)" >&2
-  exit 2
+if ! needs; then  # checked once when everything imports: each check costs seconds of imports
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/foldship-site .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/foldship-site"
+  fi
+  if ! needs; then
+    echo "gpu_check: $PYTHON cannot import torch, torchvision, torch_pruning, numpy, scipy, yaml and safetensors;" \
+         "install requirements.lock, or put the missing wheels in .whl/ (benchmarks/gpu_check.sh --prepare)" >&2
+    exit 2
+  fi
 fi
 if command -v nvidia-smi > /dev/null; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true

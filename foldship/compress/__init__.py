@@ -1,11 +1,33 @@
 """Compression stage: coupled channel groups, model folding and structured magnitude pruning."""
 from __future__ import annotations
 
-from torch import nn
+import sys
 
-from .engine import METHODS, CompressionResult, compress_model
-from .groups import ChannelGroup, channel_groups
-from .widths import kept_width
+
+def _import_torch_pruning_without_timm() -> None:
+    """Import Torch-Pruning before any module of this stage does, with timm hidden unless already imported.
+
+    Torch-Pruning imports timm when it is installed, only for an op counter foldship does not use, and
+    timm loads torchvision's models and torch._dynamo: about 2.5 s in every process that compresses
+    (each CLI run, each sweep worker). A model that needs timm imports it later, as usual.
+    """
+    if "timm" in sys.modules:
+        import torch_pruning  # noqa: F401
+        return
+    sys.modules["timm"] = None  # ``import timm`` fails: Torch-Pruning's op counter goes without timm's hooks
+    try:
+        import torch_pruning  # noqa: F401
+    finally:
+        del sys.modules["timm"]
+
+
+_import_torch_pruning_without_timm()
+
+from torch import nn  # noqa: E402 (after Torch-Pruning, above)
+
+from .engine import METHODS, CompressionResult, compress_model  # noqa: E402
+from .groups import ChannelGroup, channel_groups  # noqa: E402
+from .widths import kept_width  # noqa: E402
 
 
 def compress(model: nn.Module, example_inputs, method: str = "fold", ratio: float = 0.5, seed: int = 0,
