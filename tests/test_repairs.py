@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from foldship.compress import compress, compress_model
 from foldship.compress.groups import DependencyAdapter, output_layers
-from foldship.compress.repairs import normalise_producers, recalibrate_bn, variance_factors
+from foldship.compress.repairs import (bn_statistics, named_statistics, normalise_producers, recalibrate_bn,
+                                      variance_factors)
 from foldship.data import calibration_images
 from foldship.errors import BadInput
 from foldship.validators import evaluate_torch
@@ -174,6 +175,24 @@ def test_bn_recalibration_applies_only_what_compression_changed(resnet20, cifar_
     plain = copy.deepcopy(folded)
     recalibrate_bn(plain, calibration)
     assert not torch.allclose(plain.bn1.running_mean, stem.running_mean)
+
+
+def test_statistics_measured_once_give_the_same_bytes_as_measuring_them_in_every_compression(resnet20, cifar_eval):
+    """The budget survey measures the uncompressed model's BN statistics once and hands them to each of its
+    compressions: the same model, bit for bit, as when compress_model measures them itself, and the
+    statistics handed in are not edited (the next compression starts from them again)."""
+    calibration = calibration_images(CIFAR_JPEG, resnet20.preprocessing, cifar_eval, 128).x
+    x = resnet20.example_inputs(2)
+    named = named_statistics(resnet20.model, bn_statistics(resnet20.model, calibration))
+    assert len(named) == 19 and named["bn1"][0].shape == (16,)  # ResNet-20: a stem and 9 blocks x 2 BN layers
+    kept = {name: (mean.clone(), var.clone()) for name, (mean, var) in named.items()}
+    settings = dict(groups="inner", repair="bn-recalibrate", calibration=calibration)
+    measured = compress_model(resnet20.model, x, "fold", 0.5, **settings).model.state_dict()
+    given = compress_model(resnet20.model, x, "fold", 0.5, calibration_statistics=named, **settings).model.state_dict()
+    assert measured.keys() == given.keys() and all(torch.equal(measured[k], given[k]) for k in measured)
+    assert all(torch.equal(named[k][0], kept[k][0]) and torch.equal(named[k][1], kept[k][1]) for k in kept)
+    with pytest.raises(ValueError, match="no statistics for BN layer"):
+        compress_model(resnet20.model, x, "fold", 0.5, calibration_statistics={"bn1": named["bn1"]}, **settings)
 
 
 def test_with_calibration_images_folding_keeps_more_than_pruning(resnet20, cifar_eval):

@@ -45,7 +45,7 @@ from ..errors import BadInput
 from ..models.macs import layer_macs
 from .engine import ShortcutTooNarrow, compress_model
 from .groups import DependencyAdapter, GroupView, output_layers
-from .repairs import repair_steps
+from .repairs import bn_statistics, named_statistics, repair_steps
 from .widths import ratio_for_width
 
 PROBE_KEEPS = (0.75, 0.5, 0.25)  # each group is measured at these fractions of its width (aligned)
@@ -277,12 +277,15 @@ def _survey(model, example, method, align, group_policy, protected, probe, seed,
     protected_names = [names[m] for m in protected]
     probe = probe_inputs(example, seed=seed) if probe is None else probe
     reference = _probe_run(model, probe)
+    # The uncompressed model's BN statistics on the recalibration images, measured once for every candidate.
+    statistics = named_statistics(model, bn_statistics(model, recalibration)) if repair == "bn-recalibrate" else None
     start_of = lambda view: starts.get(view.name, view.size)
     at_start = {v.name: ratio_for_width(v.size, start_of(v)) for v in views}  # ratio 0 keeps a group whole
     base_damage, held = 0.0, {}
     if starts:  # compressed as it will ship (all restarts): the damage every candidate adds to
         shipped = compress_model(model, example, method, 0.5, seed=seed, groups=group_policy, protected=protected_names,
-                                 group_ratios=at_start, repair=repair, calibration=recalibration, device="cpu")
+                                 group_ratios=at_start, repair=repair, calibration=recalibration, device="cpu",
+                                 calibration_statistics=statistics)
         base_damage = output_damage(reference, _probe_run(shipped.model.eval(), probe))
         held = shipped.clusters
     kept = {v.name: start_of(v) / v.size for v in views}
@@ -299,7 +302,8 @@ def _survey(model, example, method, align, group_policy, protected, probe, seed,
                 result = compress_model(model, example, method, 0.5, seed=seed, groups=group_policy,
                                         group_ratios=at_start | {view.name: ratio_for_width(view.size, width)},
                                         protected=protected_names, restarts=PROBE_RESTARTS, repair=repair,
-                                        calibration=recalibration, device="cpu", clusters={n: c for n, c in held.items() if n != view.name})
+                                        calibration=recalibration, device="cpu", calibration_statistics=statistics,
+                                        clusters={n: c for n, c in held.items() if n != view.name})
             except ShortcutTooNarrow:  # folding an option-A stream: its floor is the last width that fit
                 break
             record = next(g for g in result.groups if g.name == view.name)

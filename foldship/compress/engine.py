@@ -22,7 +22,7 @@ from .handlers import MEAN, foldability, handler_for, item_slices
 from .kmeans import cluster, inertia, special_partition, squared_norm
 from .reconstruct import ChannelMap, Reconstruction, reconstruct, record_group_maps
 from .repairs import (Statistics, bn_input_statistics, bn_statistics, check_repair, norm_pairs, normalise_producers,
-                      recalibrate_bn, repair_steps, scale_gammas, variance_factors)
+                      recalibrate_bn, repair_steps, scale_gammas, statistics_for, variance_factors)
 from .views import GroupView
 from .widths import WidthLedger, check_ratio, check_round_to, kept_width
 
@@ -324,6 +324,7 @@ def compress_model(
     device: str | torch.device = "auto",
     progress: Callable[[int], None] | None = None,
     clusters: dict[str, torch.Tensor] | None = None,
+    calibration_statistics: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> CompressionResult:
     """Compress a copy of ``model``; the input model is left unchanged.
 
@@ -331,6 +332,9 @@ def compress_model(
     group (by root module name); ``protected`` names modules whose outputs stay whole (default:
     the classifier). ``clusters`` (fold) gives groups their cluster labels instead of clustering
     them, as ``CompressionResult.clusters`` records them (the budget survey re-folds a model this way).
+    ``calibration_statistics`` (bn-recalibrate without reconstruct) are ``model``'s ``bn_statistics``
+    on ``calibration`` by module name (``named_statistics``), measured once by a caller that
+    compresses the same model many times (the budget survey) instead of again on every call.
     """
     if method not in METHODS:
         raise BadInput(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -353,7 +357,9 @@ def compress_model(
     # bn-recalibrate: the uncompressed model's statistics on the calibration images, carried through every edit
     # (with reconstruct: of each BN's input as deployed, as the reconstruction pass measures them)
     statistics = None
-    if "bn-recalibrate" in steps:
+    if "bn-recalibrate" in steps and calibration_statistics is not None and "reconstruct" not in steps:
+        statistics = statistics_for(work, calibration_statistics)
+    elif "bn-recalibrate" in steps:
         statistics = (bn_input_statistics if "reconstruct" in steps else bn_statistics)(work, calibration)
     reference = copy.deepcopy(work) if "reconstruct" in steps else None  # targets come from the uncompressed model
     maps: dict[nn.Module, ChannelMap] = {}

@@ -156,6 +156,21 @@ def bn_statistics(model: nn.Module, images: torch.Tensor, batch: int = 128) -> S
             m.train(training)
 
 
+def named_statistics(model: nn.Module, statistics: Statistics) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``statistics`` by module name: what ``statistics_for`` hands to another copy of ``model``."""
+    return {name: statistics[m] for name, m in model.named_modules() if m in statistics}
+
+
+def statistics_for(model: nn.Module, named: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Statistics:
+    """``named`` (``named_statistics`` of another copy of this model) for this model's BN layers, cloned:
+    compression edits them group by group."""
+    norms = {name: m for name, m in model.named_modules() if m in set(_running_norms(model))}
+    missing = sorted(norms.keys() - named.keys())
+    if missing:
+        raise ValueError(f"no statistics for BN layer(s) {', '.join(missing)}: measured on another model")
+    return {m: (named[name][0].clone(), named[name][1].clone()) for name, m in norms.items()}
+
+
 def input_moments(x: torch.Tensor, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (axis 1) mean and unbiased variance of a BN layer's input ``x``, estimated as BN
     does: each over a batch of ``batch`` images, then averaged over the batches."""
