@@ -357,10 +357,11 @@ def compress_model(
     # bn-recalibrate: the uncompressed model's statistics on the calibration images, carried through every edit
     # (with reconstruct: of each BN's input as deployed, as the reconstruction pass measures them)
     statistics = None
-    if "bn-recalibrate" in steps and calibration_statistics is not None and "reconstruct" not in steps:
-        statistics = statistics_for(work, calibration_statistics)
+    if "reconstruct" in steps and "bn-recalibrate" in steps:
+        statistics = bn_input_statistics(work, calibration)
     elif "bn-recalibrate" in steps:
-        statistics = (bn_input_statistics if "reconstruct" in steps else bn_statistics)(work, calibration)
+        statistics = (bn_statistics(work, calibration) if calibration_statistics is None
+                      else statistics_for(work, calibration_statistics))
     reference = copy.deepcopy(work) if "reconstruct" in steps else None  # targets come from the uncompressed model
     maps: dict[nn.Module, ChannelMap] = {}
     ledger = WidthLedger()  # every width the records state, checked against the model at the end

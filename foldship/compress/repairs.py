@@ -164,7 +164,8 @@ def named_statistics(model: nn.Module, statistics: Statistics) -> dict[str, tupl
 def statistics_for(model: nn.Module, named: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Statistics:
     """``named`` (``named_statistics`` of another copy of this model) for this model's BN layers, cloned:
     compression edits them group by group."""
-    norms = {name: m for name, m in model.named_modules() if m in set(_running_norms(model))}
+    running = set(_running_norms(model))
+    norms = {name: m for name, m in model.named_modules() if m in running}
     missing = sorted(norms.keys() - named.keys())
     if missing:
         raise ValueError(f"no statistics for BN layer(s) {', '.join(missing)}: measured on another model")
