@@ -17,7 +17,7 @@ section and writes benchmarks/results/recovery.json (every report's numbers, wal
 
     .venv/bin/python benchmarks/recovery.py [--cases resnet56 resnet20 lite0] [--methods fold prune-l1 prune-l2]
         [--repairs fold-ar bn-recalibrate reconstruct] [--sections recovery repairs] [--threads 2]
-        [--epochs N] [--lr LR] [--batch B] [--recovery-repair NAME] [--round-to N|auto]
+        [--epochs N] [--lr LR] [--batch B] [--recovery-repair NAME] [--round-to N|auto] [--drop-blocks]
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def summarise(result: dict) -> dict:
     recovery = report.get("recovery")
     return {"seconds": result["seconds"], "baseline": base["correct"], "total": base["total"],
             "correct": comp["correct"], "agreement": report["agreement"]["top1_agreement"],
-            "mac_ratio": report["mac_ratio"],
+            "mac_ratio": report["mac_ratio"], "removed_blocks": report["compression"]["removed_blocks"],
             "before": None if recovery is None else recovery["before"]["correct"],
             "before_agreement": None if recovery is None else recovery["before"]["top1_agreement"],
             "distill_seconds": None if recovery is None else round(recovery["seconds"], 1),
@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="distillation batch size (default: each case's)")
     parser.add_argument("--round-to", default=None, type=round_to_from_text,
                         help="channel multiple of every build's widths, as foldship build takes it (default: each case's)")
+    parser.add_argument("--drop-blocks", action="store_true",
+                        help="budgeted cases (lite0) meet their MAC target by removing residual blocks, as foldship "
+                             "build --drop-blocks; rows read method drop-blocks")
     parser.add_argument("--threads", type=int, default=0, help="threads for distillation and ONNX Runtime (0: all)")
     parser.add_argument("--out", default="benchmarks/results/recovery.json")
     args = parser.parse_args()
@@ -124,7 +127,10 @@ def main() -> None:
                 settings = case["config"] | {"method": method, "repair": repair, **finetune}
                 if args.round_to is not None:
                     settings["round_to"] = args.round_to
-                row = {"case": name, "section": section, "method": method, "repair": repair,
+                if args.drop_blocks and "target_macs" in settings:
+                    settings["drop_blocks"] = True
+                shown = "drop-blocks" if settings.get("drop_blocks") else method
+                row = {"case": name, "section": section, "method": shown, "repair": repair,
                        "finetune": finetune, **summarise(run_build(settings, args.threads))}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

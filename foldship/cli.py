@@ -44,6 +44,9 @@ TARGET_HELP = {
                "this fraction of the baseline's (instead of --ratio; replaces a config file's ratio, other "
                "target and group_ratios).",
 }
+DROP_BLOCKS_HELP = ("With --target-macs: meet it by removing whole residual blocks (x + f(x) -> x), the least "
+                    "damaging per MAC first, every channel kept; with few calibration images this keeps more "
+                    "accuracy than narrowing channels on EfficientNet-Lite0 (docs/budget.md).")
 RATIO_HELP = ("Fraction of channels removed per group, in (0, 1). Given here it replaces a config file's "
               "target_macs/target_latency; with --target-macs/--target-latency it is refused (exit 2).")
 REPAIR_HELP = ("none (default); or steps joined by '+', in this order: fold-ar (data-free variance correction of "
@@ -142,6 +145,7 @@ def build(
     round_to: Optional[str] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
+    drop_blocks: bool = typer.Option(False, help=DROP_BLOCKS_HELP),
     checkpoint_map: Optional[str] = typer.Option(None, help=CHECKPOINT_MAP_HELP),
     preprocess: Optional[str] = typer.Option(None, help="Preprocessing preset, e.g. inception-bicubic-224 "
                                                         "(default: the model family's)."),
@@ -184,8 +188,8 @@ def build(
                           finetune_epochs=finetune_epochs, finetune_minutes=finetune_minutes, finetune_lr=finetune_lr,
                           finetune_batch=finetune_batch, finetune_images=finetune_images,
                           round_to=round_to_from_text(round_to),
-                          target_macs=target_macs, target_latency=target_latency, checkpoint_map=checkpoint_map,
-                          preprocess=preprocess, data=data, limit=limit, out=out, seed=seed, device=device,
+                          target_macs=target_macs, target_latency=target_latency, drop_blocks=drop_blocks or None,
+                          checkpoint_map=checkpoint_map, preprocess=preprocess, data=data, limit=limit, out=out, seed=seed, device=device,
                           threads=threads,
                           exporter=exporter, shrinker=shrinker, precision=precision, target=target,
                           batches=None if batch is None else [1, batch], max_accuracy_drop=max_accuracy_drop,
@@ -491,6 +495,7 @@ def compress(
     round_to: Optional[str] = typer.Option(None, "--round-to", help=ROUND_TO_HELP),
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
+    drop_blocks: bool = typer.Option(False, help=DROP_BLOCKS_HELP),
     checkpoint_map: Optional[str] = typer.Option(None, help=CHECKPOINT_MAP_HELP),
     seed: int = typer.Option(0, help="Clustering seed."),
     device: str = typer.Option("auto", help="Where compression runs: auto (the GPU when there is one), cpu or cuda."),
@@ -509,12 +514,14 @@ def compress(
         from .compress.widths import round_to_from_text, width_rule
         from .data import calibration_images, load_images
         from .models import load_model
+        from .compress.budget import check_drop_blocks
         from .pipeline.config import BuildConfig, refuse_ratio_with_target
         from .models.saved import SPEC_NAME, save_compressed
         from .pipeline.budget import plan_budget
         from .pipeline.run_folder import RunFolder
 
         refuse_ratio_with_target({"ratio": ratio, "target_macs": target_macs, "target_latency": target_latency})
+        check_drop_blocks(drop_blocks, target_macs)
         uniform = 0.3 if ratio is None else ratio
         with RunFolder(out, overwrite) as folder:  # commits whole, or discards on any error or signal
             loaded = load_model(model, checkpoint, num_classes, input_size, checkpoint_map=checkpoint_map)
@@ -527,19 +534,21 @@ def compress(
             widths = width_rule(round_to_from_text(round_to),
                                 budget=target_macs is not None or target_latency is not None)
             budget = plan_budget(loaded.model, example, method, target_macs, target_latency, widths.round_to, groups,
-                                 calibration=calibration, seed=seed, repair=repair)
+                                 calibration=calibration, seed=seed, repair=repair, drop_blocks=drop_blocks)
             result = compress_model(loaded.model, example, method, uniform, seed, groups,
                                     budget.group_ratios() if budget else None, round_to=widths.round_to,
-                                    repair=repair, calibration=calibration, device=device)
+                                    repair=repair, calibration=calibration, device=device,
+                                    removed_blocks=[b.name for b in budget.removed_blocks] if budget else ())
             summary = result.summary() | {"budget": budget.summary() if budget else None,
                                           "width_rule": widths.as_dict(),
                                           "calibration": None if chosen is None else chosen.summary()}
-            save_compressed(result.model.cpu(), loaded, folder.path(SPEC_NAME), summary)
+            save_compressed(result.model.cpu(), loaded, folder.path(SPEC_NAME), summary, result.removed_blocks)
             folder.path("compression.json").write_text(json.dumps(summary, indent=2) + "\n")
         done = sum(g.action in ("folded", "pruned") for g in result.groups)
         out_console = Console()
         setting = f"{budget.mac_fraction:.3f}x MACs (budget)" if budget else f"ratio {uniform}"
-        out_console.print(f"{method} at {setting}: {done} of {len(result.groups)} groups compressed in "
+        removed = f"{len(result.removed_blocks)} residual block(s) removed, " if result.removed_blocks else ""
+        out_console.print(f"{method} at {setting}: {removed}{done} of {len(result.groups)} groups compressed in "
                           f"{result.seconds:.2f} s; residual streams {result.residual_streams} -> {folder.final}")
         if chosen is not None:
             out_console.print(f"calibration: {len(chosen)} of {chosen.read} images ({chosen.near_copies} near-copies "
@@ -556,9 +565,11 @@ def inspect(
     input_size: Optional[int] = typer.Option(None, help="Input height/width for the trace."),
     checkpoint_map: Optional[str] = typer.Option(None, help=CHECKPOINT_MAP_HELP),
 ):
-    """List the coupled channel groups foldship finds (what fold and prune will compress)."""
+    """List the coupled channel groups foldship finds (what fold and prune will compress) and the residual
+    blocks a --drop-blocks budget can remove."""
     def body():
         from .compress.groups import channel_groups
+        from .models.blocks import removable_blocks
         from .models.registry import load_model
 
         loaded = load_model(model, checkpoint, num_classes, input_size, checkpoint_map=checkpoint_map)
@@ -573,6 +584,8 @@ def inspect(
         kept = [g for g in groups if g.foldable != "yes"]
         out.print(f"{len(groups)} groups; {len(groups) - len(kept)} foldable"
                   + (f"; {len(kept)} stay whole under fold and prune alike (see 'foldable')" if kept else ""))
+        blocks = removable_blocks(loaded.model, loaded.example_inputs(2))
+        out.print(f"{len(blocks)} residual blocks --drop-blocks can remove" + (f": {', '.join(blocks)}" if blocks else ""))
 
     _run(body)
 

@@ -174,6 +174,11 @@ def ratio_and_target_flags(inputs):
     return ["--ratio", "0.5", "--target-macs", "0.8"]
 
 
+@case("--drop-blocks removes whole residual blocks to meet --target-macs", "--target-macs 0.8")
+def drop_blocks_without_a_mac_target(inputs):
+    return ["--drop-blocks", "--ratio", "0.3"]
+
+
 @case("repair reconstruct needs unlabelled calibration images", "pass --calibration-data")
 def reconstruct_without_calibration_data(inputs):
     return ["--repair", "reconstruct"]

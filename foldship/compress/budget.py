@@ -26,6 +26,11 @@ compresses the model to those widths, measures every group again from its first-
 all other groups held at theirs (the damage it adds to the first-pass model's), and allocates the
 rest of the cut from there (docs/budget.md); the survey costs about twice as long.
 
+A MAC target may instead be met in depth (``plan_block_removal``, ``--drop-blocks``): whole residual
+blocks (``models.blocks``) are removed greedily, the least added damage on the probe per MAC saved
+first, each step measured with the blocks chosen before it removed, and every channel group keeps
+its width.
+
 A latency target is met by measurement, which needs the exporters and validators:
 ``pipeline.budget`` plans for MAC goals here and times each ``planned_architecture``. The plan is
 plain data: ``group_ratios`` for the engine, and every group's planned width and measured damage
@@ -33,6 +38,7 @@ for the report.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -43,13 +49,18 @@ from torch import nn
 
 from ..errors import BadInput
 from ..models.macs import layer_macs
-from .engine import ShortcutTooNarrow, compress_model
+from ..models.blocks import block_macs, remove_blocks, removable_blocks
+from .engine import ShortcutTooNarrow, compress_model, named_modules
 from .groups import DependencyAdapter, GroupView, output_layers
 from .repairs import bn_statistics, named_statistics, repair_steps
 from .widths import ratio_for_width
 
 PROBE_KEEPS = (0.75, 0.5, 0.25)  # each group is measured at these fractions of its width (aligned)
 PROBE_COUNT = 32  # probe inputs per forward pass
+# A depth plan measures a few dozen candidates, not hundreds, so it can afford a probe whose damage ranks
+# blocks reliably: on ResNet-20, 32 images ranked first a block whose removal costs 32 points of top-1 where
+# another's costs 7.
+BLOCK_PROBE_COUNT = 128
 SURVEY_RECALIBRATION_COUNT = 64  # calibration images after the probe's that a bn-recalibrate survey estimates BN on
 PROBE_SCALES = (4, 8, 16, 32, 64)  # smooth noise: Gaussian fields this coarse at 224 px (relative to size), upsampled, summed
 PROBE_RESTARTS = 1  # k-means restarts when folding a single group for the survey
@@ -78,6 +89,13 @@ def check_targets(target_macs: float | None, target_latency: float | None, group
         raise BadInput("give either target_macs or target_latency, not both")
     if (target_macs is not None or target_latency is not None) and group_ratios:
         raise BadInput("a budget target chooses every group's ratio itself; drop group_ratios or the target")
+
+
+def check_drop_blocks(drop_blocks: bool, target_macs: float | None) -> None:
+    """Block removal plans for a MAC target only."""
+    if drop_blocks and target_macs is None:
+        raise BadInput("--drop-blocks removes whole residual blocks to meet --target-macs; add a MAC target "
+                       "(e.g. --target-macs 0.8), or leave --drop-blocks out")
 
 
 @dataclass
@@ -117,6 +135,16 @@ class GroupBudget:
 
 
 @dataclass
+class BlockRemoval:
+    """One residual block the plan removes whole: its share of the baseline's MACs, and the damage
+    removing it added on the probe to the model with the blocks removed before it."""
+
+    name: str
+    mac_share: float
+    damage: float
+
+
+@dataclass
 class BudgetPlan:
     target: str  # "macs" or "latency"
     goal: float  # the requested fraction of the baseline
@@ -130,6 +158,7 @@ class BudgetPlan:
     first_pass_damage: float = 0.0  # measured on the probe with every group at its first-pass width
     latency_fraction: float | None = None  # measured, with a latency target
     rounds: list[dict] = field(default_factory=list)  # latency target: each planned MAC target and its measurement
+    removed_blocks: list[BlockRemoval] = field(default_factory=list)  # depth plans (``plan_block_removal``), in order
 
     def group_ratios(self) -> dict[str, float]:
         """Ratios that make the engine's width rule give exactly the planned widths."""
@@ -150,6 +179,8 @@ class BudgetPlan:
                 "first_pass_mac_fraction": None if self.first_pass_fraction is None else round(self.first_pass_fraction, 4),
                 "first_pass_damage": round(self.first_pass_damage, 6),
                 "predicted_damage": round(self.predicted_damage, 6),
+                "removed_blocks": [{"block": b.name, "mac_share": round(b.mac_share, 4), "damage": round(b.damage, 6)}
+                                   for b in self.removed_blocks],
                 "widths": [{"group": g.name, "kind": g.kind, "width": g.size, "kept": g.width,
                             "first_pass_kept": alone[g.name].width if self.first_pass else None,
                             "sensitivity": None if g.sensitivity is None else round(g.sensitivity, 6),
@@ -399,8 +430,59 @@ def plan_for_macs(model: nn.Module, example, target_macs: float, method: str, al
     return plan
 
 
-def _probe_name(probe: torch.Tensor | None) -> str:
-    return f"smooth noise ({PROBE_COUNT} inputs, seeded)" if probe is None else f"calibration images ({len(probe)})"
+def plan_block_removal(model: nn.Module, example, target_macs: float, probe: torch.Tensor | None = None,
+                       seed: int = 0, protected: Sequence[str] | None = None) -> BudgetPlan:
+    """A depth plan: whole residual blocks removed (``models.blocks``), every channel group kept whole, until
+    the MACs are at most ``target_macs`` of the baseline's (the last block may take them below it).
+
+    Greedy, each step measured in context: every block still in the model is removed in turn from
+    the model with the blocks chosen so far removed, and the one adding the least damage on the
+    probe per MAC fraction saved goes. No repair is applied: BN statistics re-estimated after a
+    removal moved EfficientNet-Lite0 further from the uncompressed model (389 -> 381/500). The plan
+    names every channel group of the model left (``protected``: module names, as for the engine) at
+    its full width.
+    """
+    described = _probe_name(probe, BLOCK_PROBE_COUNT)
+    training = model.training
+    model.eval()
+    try:
+        probe = probe_inputs(example, BLOCK_PROBE_COUNT, seed) if probe is None else probe
+        reference = _probe_run(model, probe)
+        layers = layer_macs(model, example[:1])
+        total = sum(layers.values())
+        share = {name: block_macs(model, layers, name) / total for name in removable_blocks(model, example)}
+        removed: list[BlockRemoval] = []
+        reached, damage = 1.0, 0.0
+        while reached > target_macs:
+            left = [name for name in share if name not in {b.name for b in removed}]
+            if not left:
+                raise BadInput(f"target of {target_macs:.3f}x MACs cannot be met by removing blocks: without all "
+                               f"{len(share)} removable residual blocks the model keeps {reached:.3f}x MACs; raise the "
+                               f"target or narrow channels instead (no --drop-blocks)")
+            best = None
+            for name in left:
+                candidate = copy.deepcopy(model)
+                remove_blocks(candidate, [b.name for b in removed] + [name], example)
+                added = output_damage(reference, _probe_run(candidate, probe)) - damage
+                score = added / max(share[name], 1e-12)
+                if best is None or score < best[0]:
+                    best = (score, name, added)
+            _, name, added = best
+            removed.append(BlockRemoval(name, share[name], added))
+            damage += added
+            reached -= share[name]
+    finally:
+        model.train(training)
+    kept = copy.deepcopy(model)
+    remove_blocks(kept, [b.name for b in removed], example)
+    outputs = output_layers(kept, example) if protected is None else named_modules(kept, protected)
+    groups = [GroupBudget(v.name, v.kind, v.size, []) for v in DependencyAdapter(kept, example, outputs).groups()]
+    return BudgetPlan("macs", target_macs, 1, groups, reached, described, "none",
+                      first_pass_damage=damage, removed_blocks=removed)
+
+
+def _probe_name(probe: torch.Tensor | None, noise_count: int = PROBE_COUNT) -> str:
+    return f"smooth noise ({noise_count} inputs, seeded)" if probe is None else f"calibration images ({len(probe)})"
 
 
 def planned_architecture(model: nn.Module, example, plan: BudgetPlan,

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import BadInput
 from ..models.rewrites import apply_rewrites
+from ..models.blocks import remove_blocks
 from .groups import DependencyAdapter, output_layers
 from .handlers import MEAN, foldability, handler_for, item_slices
 from .kmeans import cluster, inertia, special_partition, squared_norm
@@ -69,6 +70,7 @@ class CompressionResult:
     # each compressed conv/linear layer's output map (module name -> map; see reconstruct.ChannelMap)
     channel_maps: dict[str, ChannelMap] = field(default_factory=dict)
     reconstruction: Reconstruction | None = None
+    removed_blocks: list[str] = field(default_factory=list)  # residual blocks replaced by the identity (depth)
 
     @property
     def residual_streams(self) -> str:
@@ -83,7 +85,7 @@ class CompressionResult:
         return {"method": self.method, "ratio": self.ratio, "seed": self.seed, "groups_policy": self.group_policy,
                 "repair": self.repair,
                 "residual_streams": self.residual_streams, "seconds": round(self.seconds, 3),
-                "rewritten_modules": self.rewritten_modules,
+                "rewritten_modules": self.rewritten_modules, "removed_blocks": self.removed_blocks,
                 "groups": [asdict(g) for g in self.groups],
                 "reconstruction": self.reconstruction.summary() if self.reconstruction else None}
 
@@ -325,6 +327,7 @@ def compress_model(
     progress: Callable[[int], None] | None = None,
     clusters: dict[str, torch.Tensor] | None = None,
     calibration_statistics: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    removed_blocks: Sequence[str] = (),
 ) -> CompressionResult:
     """Compress a copy of ``model``; the input model is left unchanged.
 
@@ -335,6 +338,8 @@ def compress_model(
     ``calibration_statistics`` (bn-recalibrate without reconstruct) are ``model``'s ``bn_statistics``
     on ``calibration`` by module name (``named_statistics``), measured once by a caller that
     compresses the same model many times (the budget survey) instead of again on every call.
+    ``removed_blocks`` names residual blocks replaced by the identity before any group is found
+    (``models.blocks``; a depth budget plan's ``removed_blocks``): the repairs measure the model without them.
     """
     if method not in METHODS:
         raise BadInput(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -350,10 +355,12 @@ def compress_model(
     device = resolve_device(device)
     work = copy.deepcopy(model).eval().to(device)
     example_inputs = example_inputs.to(device) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    remove_blocks(work, removed_blocks, example_inputs)
     rewritten = apply_rewrites(work, example_inputs)
     protected_modules = output_layers(work, example_inputs) if protected is None else named_modules(work, protected)
     adapter = DependencyAdapter(work, example_inputs, protected_modules)
-    result = CompressionResult(work, method, ratio, seed, groups, repair, rewritten_modules=rewritten)
+    result = CompressionResult(work, method, ratio, seed, groups, repair, rewritten_modules=rewritten,
+                               removed_blocks=list(removed_blocks))
     # bn-recalibrate: the uncompressed model's statistics on the calibration images, carried through every edit
     # (with reconstruct: of each BN's input as deployed, as the reconstruction pass measures them)
     statistics = None

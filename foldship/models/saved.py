@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from .checkpoint import short_list
 from .registry import model_spec
 from .spec import LoadedModel, Preprocessing, example_inputs
 from .rewrites import apply_rewrites
+from .blocks import remove_blocks
 
 SPEC_FORMAT = "foldship-compressed-model"
 SPEC_VERSION = 1
@@ -86,11 +88,12 @@ def _narrowed(module: nn.Module, widths: dict) -> nn.Module:
 
 
 def save_compressed(model: nn.Module, original: LoadedModel, spec_path: str | Path,
-                    compression: dict | None = None) -> Path:
+                    compression: dict | None = None, removed_blocks: Sequence[str] = ()) -> Path:
     """Write ``spec_path`` (JSON widths) and the weights beside it (same name, ``.safetensors``).
 
     ``original`` names the architecture the model was compressed from; ``compression`` (method,
-    ratio, ...) is recorded as provenance. Before anything is written, the spec is rebuilt into a
+    ratio, ...) is recorded as provenance; ``removed_blocks`` (``CompressionResult.removed_blocks``)
+    are the residual blocks the model no longer has, rebuilt as the identity. Before anything is written, the spec is rebuilt into a
     model, loaded with the weights and run: a model the spec does not reproduce exactly (a layer
     type it has no widths for, say) raises ``NotDescribable`` instead of being saved. Each file is
     written under a temporary name and renamed, weights first: a spec on disk has its weights.
@@ -113,6 +116,7 @@ def save_compressed(model: nn.Module, original: LoadedModel, spec_path: str | Pa
                   "checkpoint_sha256": original.checkpoint_sha256},
         "compression": compression or {},
         "weights": {"file": weights_path.name},
+        "removed_blocks": list(removed_blocks),
         "layers": layers,
     }
     _check_reproduces(model, rebuild(spec, spec_path), state, original)
@@ -185,10 +189,16 @@ def load_compressed(path: str | Path) -> LoadedModel:
 
 
 def rebuild(spec: dict, source: Path | str = "<spec>") -> nn.Module:
-    """The registry architecture of ``spec["model"]`` with every recorded layer at its recorded widths."""
+    """The registry architecture of ``spec["model"]`` without its removed blocks, every recorded layer at
+    its recorded widths."""
     info = spec["model"]
     arch = model_spec(info["name"], info["num_classes"])
     model = arch.build(num_classes=arch.num_classes)
+    removed = spec.get("removed_blocks", [])  # absent from specs written before depth compression
+    try:
+        remove_blocks(model, removed, example_inputs(model, tuple(info["input_shape"]), 2))
+    except BadInput as exc:
+        raise BadInput(f"spec {source}: {exc}; the spec belongs to another model") from None
     # Compression ran on the rewritten structure, so the spec names its layers.
     apply_rewrites(model, example_inputs(model, tuple(info["input_shape"]), 2))
     modules = dict(model.named_modules())

@@ -14,8 +14,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..compress.budget import (PROBE_COUNT, SURVEY_RECALIBRATION_COUNT, BudgetPlan, UnreachableTarget, allocate,
-                               check_targets, plan_for_macs, planned_architecture, two_pass_survey)
+from ..compress.budget import (BLOCK_PROBE_COUNT, PROBE_COUNT, SURVEY_RECALIBRATION_COUNT, BudgetPlan,
+                               UnreachableTarget, allocate, check_drop_blocks, check_targets, plan_block_removal,
+                               plan_for_macs, planned_architecture, two_pass_survey)
 from ..compress.engine import named_modules
 from ..compress.widths import width_rule
 from ..errors import BadInput
@@ -36,16 +37,21 @@ LatencyMeasure = Callable[[nn.Module], tuple[float, list | None]]
 def plan_budget(model: nn.Module, example, method: str, target_macs: float | None = None,
                 target_latency: float | None = None, round_to: int | str | None = None, group_policy: str = "all",
                 protected: Sequence[str] | None = None, threads: int = 0, calibration: torch.Tensor | None = None,
-                seed: int = 0, repair: str = "none") -> BudgetPlan | None:
+                seed: int = 0, repair: str = "none", drop_blocks: bool = False) -> BudgetPlan | None:
     """The plan for whichever target is set (None without a target); widths align to ``round_to``
     (a whole number, or "auto"/None: the kernel block ``width_rule`` picks for a budget). Damage is
     measured on the first PROBE_COUNT ``calibration`` images when given (unlabelled, never the
     evaluation images), else on seeded smooth noise, with the build's ``repair`` when the survey can
     use it (``survey_repair``; BN statistics from the next SURVEY_RECALIBRATION_COUNT images). A
-    latency target is timed with ``threads`` (0: the default)."""
+    latency target is timed with ``threads`` (0: the default). ``drop_blocks`` meets a MAC target by
+    removing whole residual blocks instead of narrowing channels (``plan_block_removal``)."""
+    check_drop_blocks(drop_blocks, target_macs)
     if target_macs is None and target_latency is None:
         return None
     check_targets(target_macs, target_latency, None)
+    if drop_blocks:
+        probe = None if calibration is None else calibration[:BLOCK_PROBE_COUNT]
+        return plan_block_removal(model, example, target_macs, probe, seed, protected)
     align = width_rule(round_to, budget=True).round_to
     modules = None if protected is None else named_modules(model, protected)
     probe = None if calibration is None else calibration[:PROBE_COUNT]

@@ -94,20 +94,22 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
     example = loaded.example_inputs(2)
     widths = config.width_rule()
     round_to = widths.round_to
-    with progress.stage(f"compress ({config.method})", total=None) as advance:
+    compression_name = "remove blocks" if config.drop_blocks else config.method
+    with progress.stage(f"compress ({compression_name})", total=None) as advance:
         budget = plan_budget(loaded.model, example, config.method, config.target_macs, config.target_latency,
                              round_to, config.groups, config.protected, config.threads, calibration, config.seed,
-                             config.repair)
+                             config.repair, config.drop_blocks)
         result = compress_model(loaded.model, example, config.method, config.ratio, config.seed, config.groups,
                                 budget.group_ratios() if budget else config.group_ratios, config.protected,
                                 round_to, repair=config.repair,
-                                calibration=calibration, device=config.device, progress=advance)
+                                calibration=calibration, device=config.device, progress=advance,
+                                removed_blocks=[b.name for b in budget.removed_blocks] if budget else ())
     recovery = _recover(config, loaded, result.model, training, data, progress) if training is not None else None
     compressed = result.model.cpu().eval()
     try:  # the compressed model as data (width spec + safetensors), rebuilt by foldship.load_compressed
         spec = save_compressed(compressed, loaded, folder.path(SPEC_NAME), {
             "method": config.method, "ratio": config.ratio, "seed": config.seed, "groups_policy": config.groups,
-            "repair": config.repair, "round_to": round_to, "finetune": config.finetune})
+            "repair": config.repair, "round_to": round_to, "finetune": config.finetune}, result.removed_blocks)
         saved_model = {"spec": spec.name, "weights": spec.with_suffix(".safetensors").name}
     except NotDescribable as exc:  # the ONNX files still ship; the report says why the spec does not
         saved_model = {"skipped": str(exc)}

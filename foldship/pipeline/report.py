@@ -126,7 +126,8 @@ def run_title(report: dict) -> str:
     setting = (f"a {budget['goal']:.2f}x {'MAC' if budget['target'] == 'macs' else 'latency'} budget" if budget
                else f"ratio {report['ratio']}")
     smoke = " (RANDOM WEIGHTS: smoke test, accuracy meaningless)" if report["model"].get("random_weights") else ""
-    return f"{report['model']['name']} — {report['method']} at {setting}{smoke}"
+    method = "block removal" if budget and budget.get("removed_blocks") else report["method"]
+    return f"{report['model']['name']} — {method} at {setting}{smoke}"
 
 
 def render_markdown(report: dict) -> str:
@@ -283,6 +284,14 @@ def budget_lines(budget: dict | None) -> list[str]:
     goal = f"{budget['goal']:.2f}x {'MACs' if budget['target'] == 'macs' else 'latency'}"
     reached = f"{budget['mac_fraction']:.3f}x MACs" + (
         f", {budget['latency_fraction']:.3f}x latency" if budget.get("latency_fraction") is not None else "")
+    removed = budget.get("removed_blocks") or []
+    if removed:
+        lines = ["## Budget", "",
+                 f"Target {goal}, planned {reached} by removing {len(removed)} residual block(s) whole (every channel "
+                 f"kept), the least added damage per MAC fraction saved first, measured on {budget['probe']}.", "",
+                 "| removed block | share of the baseline's MACs | added damage (KL) |", "|---|---:|---:|"]
+        lines += [f"| {b['block']} | {b['mac_share']:.4f} | {b['damage']:.3g} |" for b in removed]
+        return lines + [""]
     narrowed = [w for w in budget["widths"] if w["kept"] < w["width"]]
     lines = ["## Budget", "",
              f"Target {goal}, planned {reached}. Damage measured on {budget['probe']} with repair "
