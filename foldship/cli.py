@@ -548,7 +548,8 @@ def compress(
         out_console = Console()
         setting = f"{budget.mac_fraction:.3f}x MACs (budget)" if budget else f"ratio {uniform}"
         removed = f"{len(result.removed_blocks)} residual block(s) removed, " if result.removed_blocks else ""
-        out_console.print(f"{method} at {setting}: {removed}{done} of {len(result.groups)} groups compressed in "
+        label = "block removal" if result.removed_blocks else method
+        out_console.print(f"{label} at {setting}: {removed}{done} of {len(result.groups)} groups compressed in "
                           f"{result.seconds:.2f} s; residual streams {result.residual_streams} -> {folder.final}")
         if chosen is not None:
             out_console.print(f"calibration: {len(chosen)} of {chosen.read} images ({chosen.near_copies} near-copies "
