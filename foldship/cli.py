@@ -538,7 +538,7 @@ def compress(
             result = compress_model(loaded.model, example, method, uniform, seed, groups,
                                     budget.group_ratios() if budget else None, round_to=widths.round_to,
                                     repair=repair, calibration=calibration, device=device,
-                                    removed_blocks=[b.name for b in budget.removed_blocks] if budget else ())
+                                    removed_blocks=budget.block_names() if budget else ())
             summary = result.summary() | {"budget": budget.summary() if budget else None,
                                           "width_rule": widths.as_dict(),
                                           "calibration": None if chosen is None else chosen.summary()}

@@ -89,7 +89,7 @@ def test_depth_plan_removes_the_harmless_block_first_and_stops_at_the_target(res
     assert set(plan.group_ratios().values()) == {0.0}  # every channel group kept whole
     assert plan.probe == "smooth noise (128 inputs, seeded)"
     result = compress_model(model, example, "fold", 0.5, group_ratios=plan.group_ratios(),
-                            removed_blocks=[b.name for b in plan.removed_blocks])
+                            removed_blocks=plan.block_names())
     assert result.removed_blocks == ["layer2.2"]
     assert count_macs(result.model, example) / total == pytest.approx(plan.mac_fraction, abs=1e-12)
 

@@ -164,6 +164,10 @@ class BudgetPlan:
         """Ratios that make the engine's width rule give exactly the planned widths."""
         return {g.name: ratio_for_width(g.size, g.width) for g in self.groups}
 
+    def block_names(self) -> list[str]:
+        """The residual blocks the engine removes (``compress_model(removed_blocks=...)``), in plan order."""
+        return [b.name for b in self.removed_blocks]
+
     @property
     def predicted_damage(self) -> float:
         """The first pass's measured damage plus every group's added damage at its planned width

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from ..models.rewrites import apply_rewrites
 from ..models.blocks import remove_blocks
+from ..models.rewrites import apply_rewrites
 from .groups import DependencyAdapter, output_layers
 from .handlers import MEAN, foldability, handler_for, item_slices
 from .kmeans import cluster, inertia, special_partition, squared_norm

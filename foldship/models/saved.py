@@ -23,8 +23,8 @@ from ..files import atomic_write
 from .checkpoint import short_list
 from .registry import model_spec
 from .spec import LoadedModel, Preprocessing, example_inputs
-from .rewrites import apply_rewrites
 from .blocks import remove_blocks
+from .rewrites import apply_rewrites
 
 SPEC_FORMAT = "foldship-compressed-model"
 SPEC_VERSION = 1
@@ -93,8 +93,8 @@ def save_compressed(model: nn.Module, original: LoadedModel, spec_path: str | Pa
 
     ``original`` names the architecture the model was compressed from; ``compression`` (method,
     ratio, ...) is recorded as provenance; ``removed_blocks`` (``CompressionResult.removed_blocks``)
-    are the residual blocks the model no longer has, rebuilt as the identity. Before anything is written, the spec is rebuilt into a
-    model, loaded with the weights and run: a model the spec does not reproduce exactly (a layer
+    are the residual blocks the model no longer has, rebuilt as the identity. Before anything is
+    written, the spec is rebuilt into a model, loaded with the weights and run: a model the spec does not reproduce exactly (a layer
     type it has no widths for, say) raises ``NotDescribable`` instead of being saved. Each file is
     written under a temporary name and renamed, weights first: a spec on disk has its weights.
     """
@@ -194,13 +194,13 @@ def rebuild(spec: dict, source: Path | str = "<spec>") -> nn.Module:
     info = spec["model"]
     arch = model_spec(info["name"], info["num_classes"])
     model = arch.build(num_classes=arch.num_classes)
-    removed = spec.get("removed_blocks", [])  # absent from specs written before depth compression
-    try:
-        remove_blocks(model, removed, example_inputs(model, tuple(info["input_shape"]), 2))
+    example = example_inputs(model, tuple(info["input_shape"]), 2)
+    try:  # specs written before depth compression have no removed_blocks
+        remove_blocks(model, spec.get("removed_blocks", []), example)
     except BadInput as exc:
         raise BadInput(f"spec {source}: {exc}; the spec belongs to another model") from None
     # Compression ran on the rewritten structure, so the spec names its layers.
-    apply_rewrites(model, example_inputs(model, tuple(info["input_shape"]), 2))
+    apply_rewrites(model, example)
     modules = dict(model.named_modules())
     for name, widths in spec["layers"].items():
         original = modules.get(name)

@@ -103,7 +103,7 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
                                 budget.group_ratios() if budget else config.group_ratios, config.protected,
                                 round_to, repair=config.repair,
                                 calibration=calibration, device=config.device, progress=advance,
-                                removed_blocks=[b.name for b in budget.removed_blocks] if budget else ())
+                                removed_blocks=budget.block_names() if budget else ())
     recovery = _recover(config, loaded, result.model, training, data, progress) if training is not None else None
     compressed = result.model.cpu().eval()
     try:  # the compressed model as data (width spec + safetensors), rebuilt by foldship.load_compressed
