@@ -14,6 +14,8 @@ from foldship.compress.budget import plan_block_removal
 from foldship.compress.engine import compress_model
 from foldship.errors import BadInput
 from foldship.models.blocks import removable_blocks, remove_blocks
+from foldship.pipeline.budget import plan_budget
+from foldship.pipeline.report import budget_lines
 from foldship.validators import count_macs
 
 # One 3x3 conv 16 -> 16 on a 32x32 map: 16 * 16 * 9 MACs per output pixel, 1,024 pixels; a block has two.
@@ -82,12 +84,14 @@ def test_depth_plan_removes_the_harmless_block_first_and_stops_at_the_target(res
     total = count_macs(model, example)
     share = 2 * 32 * 32 * 9 * 16 * 16 / total  # a stage-2 block: 3x3 32 -> 32 twice on a 16x16 map
     # One block takes the model below 0.95x: the plan removes exactly one, the one that changes nothing.
-    plan = plan_block_removal(model, example, 0.95)
+    images = torch.randn(200, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    plan = plan_budget(model, example, "fold", target_macs=0.95, calibration=images, drop_blocks=True)
     assert [b.name for b in plan.removed_blocks] == ["layer2.2"]
     assert plan.removed_blocks[0].damage == pytest.approx(0.0, abs=1e-9)
     assert plan.mac_fraction == pytest.approx(1 - share, abs=1e-12)
     assert set(plan.group_ratios().values()) == {0.0}  # every channel group kept whole
-    assert plan.probe == "smooth noise (128 inputs, seeded)"
+    assert plan.probe == "calibration images (128)"
+    assert f"| layer2.2 | {share:.4f} | 0 |" in budget_lines(plan.summary())
     result = compress_model(model, example, "fold", 0.5, group_ratios=plan.group_ratios(),
                             removed_blocks=plan.block_names())
     assert result.removed_blocks == ["layer2.2"]
@@ -95,7 +99,8 @@ def test_depth_plan_removes_the_harmless_block_first_and_stops_at_the_target(res
 
 
 def test_depth_plan_refuses_a_target_removing_every_block_cannot_meet(resnet20):
-    # Without its 7 removable blocks ResNet-20 still has the stem, 2 strided blocks and the classifier.
+    # Without its 7 removable blocks ResNet-20 still has the stem, 2 strided blocks and the classifier;
+    # smooth-noise probes when no calibration images are given.
     with pytest.raises(BadInput, match="cannot be met by removing blocks: without all 7 removable residual blocks"):
         plan_block_removal(resnet20.model, _example(), 0.1)
 
