@@ -38,6 +38,14 @@ def test_torchvision_resnet18_blocks_without_downsample_are_removable():
     assert removable_blocks(model, _example((3, 64, 64))) == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
 
 
+def test_torchvision_mobilenet_v2_residual_blocks_follow_its_repeats():
+    # Stage repeats 1, 2, 3, 4, 3, 3, 1 (features.1 to features.17 after the stem): each stage's first block
+    # changes width or stride, the other 10 add their input.
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    assert removable_blocks(model, _example((3, 64, 64))) == [
+        f"features.{i}" for i in (3, 5, 6, 8, 9, 10, 12, 13, 15, 16)]
+
+
 def test_timm_efficientnet_lite0_residual_blocks_follow_its_repeats():
     timm = pytest.importorskip("timm")
     # Stage repeats 1, 2, 2, 3, 3, 4, 1: each stage's first block changes width or stride, the rest add their input.

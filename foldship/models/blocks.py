@@ -25,6 +25,8 @@ def _has_identity_shortcut(block: nn.Module) -> bool:
     """The families' rules: does this block add its input, untouched, to its output?"""
     if hasattr(block, "has_skip"):  # timm's EfficientNet/MobileNet blocks (InvertedResidual, DepthwiseSeparableConv, ...)
         return bool(block.has_skip)
+    if hasattr(block, "use_res_connect"):  # torchvision's MobileNetV2/V3 InvertedResidual
+        return bool(block.use_res_connect)
     if hasattr(block, "shortcut") and hasattr(block, "conv2"):  # foldship's CIFAR ResNet BasicBlock
         return isinstance(block.shortcut, nn.Identity)
     if hasattr(block, "downsample") and hasattr(block, "conv2"):  # torchvision's BasicBlock and Bottleneck
