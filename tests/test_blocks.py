@@ -107,10 +107,9 @@ def test_depth_plan_removes_the_harmless_block_first_and_stops_at_the_target(res
 
 
 def test_depth_plan_refuses_a_target_removing_every_block_cannot_meet(resnet20):
-    # Without its 7 removable blocks ResNet-20 still has the stem, 2 strided blocks and the classifier;
-    # smooth-noise probes when no calibration images are given.
+    # Without its 7 removable blocks ResNet-20 still has the stem, 2 strided blocks and the classifier.
     with pytest.raises(BadInput, match="cannot be met by removing blocks: without all 7 removable residual blocks"):
-        plan_block_removal(resnet20.model, _example(), 0.1)
+        plan_block_removal(resnet20.model, _example(), 0.1, probe=_example())
 
 
 def test_saved_model_without_a_block_reloads_with_the_same_outputs(resnet20, tmp_path):
