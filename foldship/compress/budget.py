@@ -57,10 +57,7 @@ from .widths import ratio_for_width
 
 PROBE_KEEPS = (0.75, 0.5, 0.25)  # each group is measured at these fractions of its width (aligned)
 PROBE_COUNT = 32  # probe inputs per forward pass
-# A depth plan measures a few dozen candidates, not hundreds, so it can afford a probe whose damage ranks
-# blocks reliably: on ResNet-20, 32 images ranked first a block whose removal costs 32 points of top-1 where
-# another's costs 7.
-BLOCK_PROBE_COUNT = 128
+BLOCK_PROBE_COUNT = 128  # a depth plan measures a few dozen candidates, not hundreds: it affords 4x the probe
 SURVEY_RECALIBRATION_COUNT = 64  # calibration images after the probe's that a bn-recalibrate survey estimates BN on
 PROBE_SCALES = (4, 8, 16, 32, 64)  # smooth noise: Gaussian fields this coarse at 224 px (relative to size), upsampled, summed
 PROBE_RESTARTS = 1  # k-means restarts when folding a single group for the survey
@@ -441,8 +438,8 @@ def plan_block_removal(model: nn.Module, example, target_macs: float, probe: tor
 
     Greedy, each step measured in context: every block still in the model is removed in turn from
     the model with the blocks chosen so far removed, and the one adding the least damage on the
-    probe per MAC fraction saved goes. No repair is applied: BN statistics re-estimated after a
-    removal moved EfficientNet-Lite0 further from the uncompressed model (389 -> 381/500). The plan
+    probe per MAC fraction saved goes. No repair is applied: re-estimated BN statistics did not
+    help EfficientNet-Lite0 after a removal (exploratory runs, docs/budget.md). The plan
     names every channel group of the model left (``protected``: module names, as for the engine) at
     its full width.
     """

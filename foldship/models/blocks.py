@@ -5,8 +5,9 @@ ResNet, ``x`` is already a ReLU output). Removing it replaces the block by the i
 value when ``f`` is zero: every other layer keeps its width and weights, and the MACs the block held
 are gone, together with its kernel launches. With few images to recover from, removing whole
 blocks costs less than narrowing many layers by the same MACs (EfficientNet-Lite0 at 0.79x MACs:
-389/500 before any training, against 371 for the folded plan at 0.80x; docs/budget.md, "Removing
-blocks"; the idea of Wang et al. 2023, "Practical Network Acceleration with Tiny Sets").
+388/500 before distillation, against 371 for the folded plan at 0.80x, benchmarks/recovery.py;
+docs/budget.md, "Removing whole blocks"; the idea of Wang et al. 2023, "Practical Network
+Acceleration with Tiny Sets").
 
 Which blocks qualify is decided by module type, one rule per family, and checked on the model:
 a block is removable only when its output has its input's shape.
