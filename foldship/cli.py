@@ -44,9 +44,10 @@ TARGET_HELP = {
                "this fraction of the baseline's (instead of --ratio; replaces a config file's ratio, other "
                "target and group_ratios).",
 }
-DROP_BLOCKS_HELP = ("With --target-macs: meet it by removing whole residual blocks (x + f(x) -> x), the least "
-                    "damaging per MAC first, every channel kept; with few calibration images this keeps more "
-                    "accuracy than narrowing channels on EfficientNet-Lite0 (docs/budget.md).")
+DROP_BLOCKS_HELP = ("With --target-macs or --target-latency: meet it by removing whole residual blocks (x + f(x) "
+                    "-> x), the least damaging per MAC first, every channel kept (a latency target is timed after "
+                    "each removal past the MAC estimate); with few calibration images this keeps more accuracy than "
+                    "narrowing channels on EfficientNet-Lite0 (docs/budget.md).")
 RATIO_HELP = ("Fraction of channels removed per group, in (0, 1). Given here it replaces a config file's "
               "target_macs/target_latency; with --target-macs/--target-latency it is refused (exit 2).")
 REPAIR_HELP = ("none (default); or steps joined by '+', in this order: fold-ar (data-free variance correction of "
@@ -521,7 +522,7 @@ def compress(
         from .pipeline.run_folder import RunFolder
 
         refuse_ratio_with_target({"ratio": ratio, "target_macs": target_macs, "target_latency": target_latency})
-        check_drop_blocks(drop_blocks, target_macs)
+        check_drop_blocks(drop_blocks, target_macs, target_latency)
         uniform = 0.3 if ratio is None else ratio
         with RunFolder(out, overwrite) as folder:  # commits whole, or discards on any error or signal
             loaded = load_model(model, checkpoint, num_classes, input_size, checkpoint_map=checkpoint_map)

@@ -14,7 +14,7 @@ from foldship.compress.budget import plan_block_removal
 from foldship.compress.engine import compress_model
 from foldship.errors import BadInput
 from foldship.models.blocks import removable_blocks, remove_blocks
-from foldship.pipeline.budget import plan_budget
+from foldship.pipeline.budget import plan_block_removal_for_latency, plan_budget
 from foldship.pipeline.report import budget_lines
 from foldship.validators import count_macs
 
@@ -110,6 +110,43 @@ def test_depth_plan_refuses_a_target_removing_every_block_cannot_meet(resnet20):
     # Without its 7 removable blocks ResNet-20 still has the stem, 2 strided blocks and the classifier.
     with pytest.raises(BadInput, match="cannot be met by removing blocks: without all 7 removable residual blocks"):
         plan_block_removal(resnet20.model, _example(), 0.1, probe=_example())
+
+
+def test_latency_depth_plan_removes_one_more_block_a_round_until_the_measured_latency_meets_the_goal(resnet20):
+    # A machine with a fixed 30 % of the baseline's time that no removal saves: latency = 0.3 + 0.7 x MACs left.
+    # Each of ResNet-20's removable blocks is 4,718,592 MACs (3x3 convs, channels x map size constant).
+    example = _example()
+    total = count_macs(resnet20.model, example)
+    share, timed = LAYER1_BLOCK_MACS / total, []
+
+    def measure(candidate):
+        timed.append(count_macs(candidate, example) / total)
+        return 0.3 + 0.7 * timed[-1], None
+
+    plan = plan_block_removal_for_latency(resnet20.model, example, 0.8, measure, probe=_example())
+    # Round 1 plans MACs for the latency goal: 2 blocks (1 - 2 x 0.1157 = 0.769x) time at 0.838x; round 2 adds a
+    # third: 0.653x MACs, 0.757x latency.
+    assert [r["blocks_removed"] for r in plan.rounds] == [2, 3]
+    assert timed == pytest.approx([1 - 2 * share, 1 - 3 * share], abs=1e-12)
+    assert [r["latency_fraction"] for r in plan.rounds] == [round(0.3 + 0.7 * t, 4) for t in timed]
+    assert plan.target == "latency" and plan.latency_fraction == pytest.approx(0.3 + 0.7 * (1 - 3 * share))
+    assert len(plan.block_names()) == 3 and plan.mac_fraction == pytest.approx(1 - 3 * share, abs=1e-12)
+    # A machine on which removing blocks saves no time: a 0.5x goal starts at 5 blocks (0.42x MACs) and runs out of
+    # blocks after 7; a 0.8x goal starts at 2 and stops after 6 rounds. Both are refused.
+    stuck = lambda candidate: (0.95, None)
+    with pytest.raises(BadInput, match=r"target latency 0.50x cannot be met by removing blocks: without all 7 "
+                                       r"removable residual blocks .* \(measured 0.95x\)"):
+        plan_block_removal_for_latency(resnet20.model, example, 0.5, stuck, probe=_example())
+    with pytest.raises(BadInput, match=r"target latency 0.80x not reached in 6 rounds \(last 0.95x with 7 blocks"):
+        plan_block_removal_for_latency(resnet20.model, example, 0.8, stuck, probe=_example())
+
+
+def test_latency_depth_plan_is_timed_on_this_machine(resnet20):
+    plan = plan_budget(resnet20.model, _example(), "fold", target_latency=0.95, threads=1, drop_blocks=True)
+    assert plan.target == "latency" and plan.latency_fraction <= 0.95 and plan.rounds
+    assert plan.rounds[-1]["latency_fraction"] == round(plan.latency_fraction, 4)
+    assert all(low <= r["latency_fraction"] <= high for r in plan.rounds for low, high in [r["latency_interval"]])
+    assert [r["blocks_removed"] for r in plan.rounds] == list(range(1, len(plan.rounds) + 1))  # 0.884x MACs first
 
 
 def test_saved_model_without_a_block_reloads_with_the_same_outputs(resnet20, tmp_path):

@@ -26,10 +26,11 @@ compresses the model to those widths, measures every group again from its first-
 all other groups held at theirs (the damage it adds to the first-pass model's), and allocates the
 rest of the cut from there (docs/budget.md); the survey costs about twice as long.
 
-A MAC target may instead be met in depth (``plan_block_removal``, ``--drop-blocks``): whole residual
+A target may instead be met in depth (``block_removals``, ``--drop-blocks``): whole residual
 blocks (``models.blocks``) are removed greedily, the least added damage on the probe per MAC saved
 first, each step measured with the blocks chosen before it removed, and every channel group keeps
-its width.
+its width; ``plan_block_removal`` stops at a MAC target, ``pipeline.budget`` times the model for a
+latency target.
 
 A latency target is met by measurement, which needs the exporters and validators:
 ``pipeline.budget`` plans for MAC goals here and times each ``planned_architecture``. The plan is
@@ -38,10 +39,11 @@ for the report.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,11 +90,11 @@ def check_targets(target_macs: float | None, target_latency: float | None, group
         raise BadInput("a budget target chooses every group's ratio itself; drop group_ratios or the target")
 
 
-def check_drop_blocks(drop_blocks: bool, target_macs: float | None) -> None:
-    """Block removal plans for a MAC target only."""
-    if drop_blocks and target_macs is None:
-        raise BadInput("--drop-blocks removes whole residual blocks to meet --target-macs; add a MAC target "
-                       "(e.g. --target-macs 0.8), or leave --drop-blocks out")
+def check_drop_blocks(drop_blocks: bool, target_macs: float | None, target_latency: float | None) -> None:
+    """Block removal plans for a budget target."""
+    if drop_blocks and target_macs is None and target_latency is None:
+        raise BadInput("--drop-blocks removes whole residual blocks to meet --target-macs or --target-latency; add "
+                       "a target (e.g. --target-macs 0.8), or leave --drop-blocks out")
 
 
 @dataclass
@@ -411,7 +413,7 @@ def two_pass_survey(model: nn.Module, example, method: str, goal: float, align: 
                             recalibration=recalibration)
     halfway = 1.0 - FIRST_PASS_SHARE * (1.0 - goal)
     reached = allocate(first, macs, halfway, align, requested=goal)
-    plan = BudgetPlan("macs", goal, align, first, reached, _probe_name(probe), repair)
+    plan = BudgetPlan("macs", goal, align, first, reached, probe_name(probe), repair)
     if reached > goal:
         starts = {g.name: g.width for g in first}
         plan.groups, _, plan.first_pass_damage = survey(model, example, method, align, group_policy, protected,
@@ -431,58 +433,107 @@ def plan_for_macs(model: nn.Module, example, target_macs: float, method: str, al
     return plan
 
 
-def plan_block_removal(model: nn.Module, example, target_macs: float, probe: torch.Tensor | None = None,
-                       seed: int = 0, protected: Sequence[str] | None = None) -> BudgetPlan:
-    """A depth plan: whole residual blocks removed (``models.blocks``), every channel group kept whole, until
-    the MACs are at most ``target_macs`` of the baseline's (the last block may take them below it).
-
-    Greedy, each step measured in context: every block still in the model is removed in turn from
-    the model with the blocks chosen so far removed, and the one adding the least damage on the
-    probe per MAC fraction saved goes. No repair is applied: re-estimated BN statistics did not
-    help EfficientNet-Lite0 after a removal (exploratory runs, docs/budget.md). The plan
-    names every channel group of the model left (``protected``: module names, as for the engine) at
-    its full width.
-    """
-    described = _probe_name(probe, BLOCK_PROBE_COUNT)
+def block_removals(model: nn.Module, example, probe: torch.Tensor) -> Iterator[BlockRemoval]:
+    """The greedy depth order: removable residual blocks (``models.blocks``) one at a time, each step
+    measured in context. Every block still in the model is removed in turn from the model with the
+    blocks yielded so far removed, and the one adding the least damage on ``probe`` per MAC fraction
+    saved comes next. ``model`` is left as it is (evaluated in eval mode, its mode restored when the
+    iterator is closed)."""
     training = model.training
     model.eval()
     try:
-        probe = probe_inputs(example, BLOCK_PROBE_COUNT, seed) if probe is None else probe
         reference = _probe_run(model, probe)
         layers = layer_macs(model, example[:1])
         total = sum(layers.values())
         share = {name: block_macs(model, layers, name) / total for name in removable_blocks(model, example)}
-        removed: list[BlockRemoval] = []
-        reached, damage = 1.0, 0.0
-        while reached > target_macs:
-            left = [name for name in share if name not in {b.name for b in removed}]
-            if not left:
-                raise BadInput(f"target of {target_macs:.3f}x MACs cannot be met by removing blocks: without all "
-                               f"{len(share)} removable residual blocks the model keeps {reached:.3f}x MACs; raise the "
-                               f"target or narrow channels instead (no --drop-blocks)")
+        removed: list[str] = []
+        damage = 0.0
+        while len(removed) < len(share):
             best = None
-            for name in left:
+            for name in share:
+                if name in removed:
+                    continue
                 candidate = copy.deepcopy(model)
-                remove_blocks(candidate, [b.name for b in removed] + [name], example)
+                remove_blocks(candidate, removed + [name], example)
                 added = output_damage(reference, _probe_run(candidate, probe)) - damage
                 score = added / max(share[name], 1e-12)
                 if best is None or score < best[0]:
                     best = (score, name, added)
             _, name, added = best
-            removed.append(BlockRemoval(name, share[name], added))
+            removed.append(name)
             damage += added
-            reached -= share[name]
+            yield BlockRemoval(name, share[name], added)
     finally:
         model.train(training)
+
+
+def mac_left(removed: Sequence[BlockRemoval]) -> float:
+    """The fraction of the baseline's MACs left once ``removed`` are removed."""
+    return 1.0 - sum(b.mac_share for b in removed)
+
+
+def remove_next(steps: Iterator[BlockRemoval], removed: list[BlockRemoval]) -> None:
+    """Append the next block of ``steps`` to ``removed``; UnreachableDepth when none is left."""
+    block = next(steps, None)
+    if block is None:
+        raise UnreachableDepth(len(removed), mac_left(removed))
+    removed.append(block)
+
+
+def remove_until(steps: Iterator[BlockRemoval], removed: list[BlockRemoval], mac_goal: float) -> float:
+    """Append blocks from ``steps`` to ``removed`` until the MACs left are at most ``mac_goal`` of the
+    baseline's; returns the fraction left."""
+    while mac_left(removed) > mac_goal:
+        remove_next(steps, removed)
+    return mac_left(removed)
+
+
+class UnreachableDepth(BadInput):
+    """Every removable block is removed and the MACs left are still above the goal."""
+
+    def __init__(self, blocks: int, reached: float):
+        self.blocks, self.reached = blocks, reached
+        super().__init__(f"without all {blocks} removable residual blocks the model keeps {reached:.3f}x MACs")
+
+
+def without_blocks(model: nn.Module, example, removed: Sequence[BlockRemoval]) -> nn.Module:
+    """A copy of ``model`` with ``removed`` removed (the architecture a depth plan ships)."""
     kept = copy.deepcopy(model)
     remove_blocks(kept, [b.name for b in removed], example)
+    return kept
+
+
+def depth_plan(model: nn.Module, example, target: str, goal: float, removed: list[BlockRemoval],
+               probe: str, protected: Sequence[str] | None = None) -> BudgetPlan:
+    """The plan that removes ``removed``: it names every channel group of the model left (``protected``:
+    module names, as for the engine) at its full width."""
+    kept = without_blocks(model, example, removed)
     outputs = output_layers(kept, example) if protected is None else named_modules(kept, protected)
     groups = [GroupBudget(v.name, v.kind, v.size, []) for v in DependencyAdapter(kept, example, outputs).groups()]
-    return BudgetPlan("macs", target_macs, 1, groups, reached, described, "none",
-                      first_pass_damage=damage, removed_blocks=removed)
+    return BudgetPlan(target, goal, 1, groups, mac_left(removed), probe, "none",
+                      first_pass_damage=sum(b.damage for b in removed), removed_blocks=removed)
 
 
-def _probe_name(probe: torch.Tensor | None, noise_count: int = PROBE_COUNT) -> str:
+def plan_block_removal(model: nn.Module, example, target_macs: float, probe: torch.Tensor | None = None,
+                       seed: int = 0, protected: Sequence[str] | None = None) -> BudgetPlan:
+    """A depth plan: whole residual blocks removed in the greedy order of ``block_removals``, every
+    channel group kept whole, until the MACs are at most ``target_macs`` of the baseline's (the last
+    block may take them below it). No repair is applied: re-estimated BN statistics did not help
+    EfficientNet-Lite0 after a removal (exploratory runs, docs/budget.md).
+    """
+    described = probe_name(probe, BLOCK_PROBE_COUNT)
+    probe = probe_inputs(example, BLOCK_PROBE_COUNT, seed) if probe is None else probe
+    removed: list[BlockRemoval] = []
+    with contextlib.closing(block_removals(model, example, probe)) as steps:
+        try:
+            remove_until(steps, removed, target_macs)
+        except UnreachableDepth as exc:
+            raise BadInput(f"target of {target_macs:.3f}x MACs cannot be met by removing blocks: {exc}; raise the "
+                           f"target or narrow channels instead (no --drop-blocks)") from None
+    return depth_plan(model, example, "macs", target_macs, removed, described, protected)
+
+
+def probe_name(probe: torch.Tensor | None, noise_count: int = PROBE_COUNT) -> str:
     return f"smooth noise ({noise_count} inputs, seeded)" if probe is None else f"calibration images ({len(probe)})"
 
 

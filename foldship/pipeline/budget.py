@@ -3,11 +3,12 @@ latency target is met by measurement. Its loop plans for a MAC goal (one two-pas
 goal equal to the latency goal), has ``measure`` time the planned architecture against the
 baseline, and corrects the MAC goal by the measured miss, for a few rounds. The build's measure
 exports both models to ONNX and times them on ONNX Runtime CPU on this machine (``onnx_latency``).
+A depth plan (``--drop-blocks``) meets a latency target the same way, one more block a round.
 """
 from __future__ import annotations
 
 import tempfile
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -15,8 +16,10 @@ import torch
 from torch import nn
 
 from ..compress.budget import (BLOCK_PROBE_COUNT, PROBE_COUNT, SURVEY_RECALIBRATION_COUNT, BudgetPlan,
-                               UnreachableTarget, allocate, check_drop_blocks, check_targets, plan_block_removal,
-                               plan_for_macs, planned_architecture, two_pass_survey)
+                               UnreachableDepth, UnreachableTarget, allocate, block_removals, check_drop_blocks,
+                               check_targets, depth_plan, mac_left, plan_block_removal, plan_for_macs,
+                               planned_architecture, probe_inputs, probe_name, remove_next, remove_until,
+                               two_pass_survey, without_blocks)
 from ..compress.engine import named_modules
 from ..compress.widths import width_rule
 from ..errors import BadInput
@@ -43,15 +46,19 @@ def plan_budget(model: nn.Module, example, method: str, target_macs: float | Non
     measured on the first PROBE_COUNT ``calibration`` images when given (unlabelled, never the
     evaluation images), else on seeded smooth noise, with the build's ``repair`` when the survey can
     use it (``survey_repair``; BN statistics from the next SURVEY_RECALIBRATION_COUNT images). A
-    latency target is timed with ``threads`` (0: the default). ``drop_blocks`` meets a MAC target by
-    removing whole residual blocks instead of narrowing channels (``plan_block_removal``)."""
-    check_drop_blocks(drop_blocks, target_macs)
+    latency target is timed with ``threads`` (0: the default). ``drop_blocks`` meets either target by
+    removing whole residual blocks instead of narrowing channels (``plan_block_removal``,
+    ``plan_block_removal_for_latency``)."""
+    check_drop_blocks(drop_blocks, target_macs, target_latency)
     if target_macs is None and target_latency is None:
         return None
     check_targets(target_macs, target_latency, None)
     if drop_blocks:
         probe = None if calibration is None else calibration[:BLOCK_PROBE_COUNT]
-        return plan_block_removal(model, example, target_macs, probe, seed, protected)
+        if target_macs is not None:
+            return plan_block_removal(model, example, target_macs, probe, seed, protected)
+        with onnx_latency(model, example, threads) as measure:
+            return plan_block_removal_for_latency(model, example, target_latency, measure, probe, seed, protected)
     align = width_rule(round_to, budget=True).round_to
     modules = None if protected is None else named_modules(model, protected)
     probe = None if calibration is None else calibration[:PROBE_COUNT]
@@ -92,6 +99,38 @@ def plan_for_latency(model: nn.Module, example, target_latency: float, method: s
     raise BadInput(f"target latency {target_latency:.2f}x not reached in {LATENCY_ROUNDS} rounds "
                    f"(last {measured:.2f}x at {plan.mac_fraction:.2f}x MACs); lower target_latency or use "
                    f"target_macs")
+
+
+def plan_block_removal_for_latency(model: nn.Module, example, target_latency: float, measure: LatencyMeasure,
+                                   probe: torch.Tensor | None = None, seed: int = 0,
+                                   protected: Sequence[str] | None = None) -> BudgetPlan:
+    """A depth plan whose latency, as ``measure`` finds it, is at most ``target_latency`` of the
+    baseline's: blocks go in the greedy order of ``block_removals`` until the MACs left equal the
+    latency goal, then one more block a round while the measured latency is above it, every
+    measurement recorded in the plan."""
+    described = probe_name(probe, BLOCK_PROBE_COUNT)
+    probe = probe_inputs(example, BLOCK_PROBE_COUNT, seed) if probe is None else probe
+    removed, rounds = [], []
+    with closing(block_removals(model, example, probe)) as steps:
+        try:
+            remove_until(steps, removed, target_latency)
+            while True:
+                measured, interval = measure(without_blocks(model, example, removed))
+                rounds.append({"blocks_removed": len(removed), "mac_fraction": round(mac_left(removed), 4),
+                               "latency_fraction": round(measured, 4), "latency_interval": interval})
+                if measured <= target_latency:
+                    plan = depth_plan(model, example, "latency", target_latency, removed, described, protected)
+                    plan.latency_fraction, plan.rounds = measured, rounds
+                    return plan
+                if len(rounds) == LATENCY_ROUNDS:
+                    break
+                remove_next(steps, removed)
+        except UnreachableDepth as exc:
+            timed = f" (measured {rounds[-1]['latency_fraction']:.2f}x)" if rounds else ""
+            raise BadInput(f"target latency {target_latency:.2f}x cannot be met by removing blocks: {exc}{timed}; "
+                           f"raise target_latency, or narrow channels instead (no --drop-blocks)") from None
+    raise BadInput(f"target latency {target_latency:.2f}x not reached in {LATENCY_ROUNDS} rounds (last "
+                   f"{measured:.2f}x with {len(removed)} blocks removed); raise target_latency or use target_macs")
 
 
 @contextmanager

@@ -58,7 +58,7 @@ class BuildConfig:
     round_to: int | str | None = None  # kept widths a multiple of this, or auto (see width_rule())
     target_macs: float | None = None  # budgeted compression: per-group widths chosen to meet this MAC fraction
     target_latency: float | None = None  # ... or this fraction of the baseline's ONNX Runtime CPU latency
-    drop_blocks: bool = False  # meet target_macs by removing whole residual blocks, channels kept (models/blocks.py)
+    drop_blocks: bool = False  # meet target_macs/target_latency by removing whole residual blocks, channels kept (models/blocks.py)
     seed: int = 0
     device: str = "auto"  # compression on the GPU when PyTorch sees one
     num_classes: int | None = None
@@ -121,7 +121,7 @@ class BuildConfig:
         self.ratio = check_ratio(self.ratio)
         check_round_to(self.round_to)
         check_targets(self.target_macs, self.target_latency, self.group_ratios)
-        check_drop_blocks(self.drop_blocks, self.target_macs)
+        check_drop_blocks(self.drop_blocks, self.target_macs, self.target_latency)
         resolve_preprocessing(Preprocessing(), self.preprocess, **self.preprocessing_overrides())
         self.validation_settings()
         check_limits(self.gate_limits())
