@@ -480,19 +480,17 @@ def remove_next(steps: Iterator[BlockRemoval], removed: list[BlockRemoval]) -> N
     removed.append(block)
 
 
-def remove_until(steps: Iterator[BlockRemoval], removed: list[BlockRemoval], mac_goal: float) -> float:
+def remove_until(steps: Iterator[BlockRemoval], removed: list[BlockRemoval], mac_goal: float) -> None:
     """Append blocks from ``steps`` to ``removed`` until the MACs left are at most ``mac_goal`` of the
-    baseline's; returns the fraction left."""
+    baseline's."""
     while mac_left(removed) > mac_goal:
         remove_next(steps, removed)
-    return mac_left(removed)
 
 
 class UnreachableDepth(BadInput):
     """Every removable block is removed and the MACs left are still above the goal."""
 
     def __init__(self, blocks: int, reached: float):
-        self.blocks, self.reached = blocks, reached
         super().__init__(f"without all {blocks} removable residual blocks the model keeps {reached:.3f}x MACs")
 
 
