@@ -7,7 +7,7 @@ import pytest
 
 from foldship.compress.engine import compress_model
 from foldship.exporters import export_onnx
-from foldship.pipeline.budget import plan_budget
+from foldship.pipeline.budget import plan_budget, validated_latency
 from foldship.pipeline.config import load_config
 from foldship.pipeline.report import budget_lines, run_title, speed_cell, write_sweep
 from foldship.pipeline.validate import validate_artifacts
@@ -119,6 +119,24 @@ def test_report_md_lists_every_group_a_budget_narrowed(resnet20):
         first_pass = next(g.width for g in plan.first_pass if g.name == group.name)
         assert row.startswith(f"| {group.name} | inner | {group.size} | {first_pass} | {group.width} | ")
     assert budget_lines(None) == []
+
+
+def test_a_latency_goal_is_checked_against_the_builds_own_timing_of_the_same_kind():
+    # 1.25x faster is 0.8x the latency; per-block speedups 1.1-1.6 are latencies 0.625-0.909.
+    speed = {"backend": "onnxruntime-cpu", "batch": 16, "value": 1.25, "low": 1.1, "high": 1.6}
+    budget = {"target": "latency", "goal": 0.75, "latency_fraction": 0.7139, "mac_fraction": 0.7098, "probe": "noise",
+              "removed_blocks": [{"block": "blocks.5.2", "mac_share": 0.0852, "damage": 0.01}]}
+    check = validated_latency(budget, speed)
+    assert check == {"backend": "onnxruntime-cpu", "batch": 16, "latency_fraction": 0.8,
+                     "latency_interval": [0.625, 0.9091], "met": False}
+    assert validated_latency(budget | {"goal": 0.8}, speed)["met"]  # at the goal counts as met
+    lines = budget_lines(budget | {"validated": check})
+    assert lines[-2] == ("Validation timed the engine at 0.800x the baseline's latency (0.62–0.91) at batch 16 on "
+                         "ONNX Runtime CPU: the 0.75x goal is **not met** in this timing (the plan's last round: 0.714x).")
+    # Another batch, another backend or a MAC target: the plan's timing and the build's are not the same kind.
+    assert validated_latency(budget, speed | {"batch": 64}) is None
+    assert validated_latency(budget, speed | {"backend": "torch-cpu"}) is None
+    assert validated_latency(budget | {"target": "macs"}, speed) is None and validated_latency(budget, None) is None
 
 
 def test_plots_are_real_small_pngs(validated, tmp_path):

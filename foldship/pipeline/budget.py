@@ -133,6 +133,19 @@ def plan_block_removal_for_latency(model: nn.Module, example, target_latency: fl
                    f"{measured:.2f}x with {len(removed)} blocks removed); raise target_latency or use target_macs")
 
 
+def validated_latency(budget: dict | None, speed: dict | None) -> dict | None:
+    """A latency plan's goal against the build's own validation timing (``speed``, the report's), where
+    that timing is the kind the plan made (ONNX Runtime CPU at LATENCY_BATCH); None otherwise. The
+    engine's latency as a fraction of the baseline's, its interval, and whether it meets the goal."""
+    if not budget or budget["target"] != "latency" or not speed or \
+            (speed["backend"], speed["batch"]) != ("onnxruntime-cpu", LATENCY_BATCH):
+        return None
+    fraction = 1.0 / speed["value"]
+    interval = None if speed["low"] is None else [round(1.0 / speed["high"], 4), round(1.0 / speed["low"], 4)]
+    return {"backend": speed["backend"], "batch": speed["batch"], "latency_fraction": round(fraction, 4),
+            "latency_interval": interval, "met": fraction <= budget["goal"]}
+
+
 @contextmanager
 def onnx_latency(baseline: nn.Module, example: torch.Tensor, threads: int) -> Iterator[LatencyMeasure]:
     """A measure for ``plan_for_latency``: a candidate's latency over ``baseline``'s at batch 16 on

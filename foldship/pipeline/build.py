@@ -22,7 +22,7 @@ from ..progress import StageProgress
 from ..validators import count_macs, count_params, run_folder_artifacts, torch_artifact
 from ..validators.accuracy import classification_scores, evaluate_torch
 from ..validators.stage import validate
-from .budget import plan_budget
+from .budget import plan_budget, validated_latency
 from .config import BuildConfig
 from .environment import fingerprint, keep_freed_memory
 from .report import write_report
@@ -140,6 +140,8 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
                              "top1_agreement": validation.report["agreement"]["top1_agreement"]}
     compression = result.summary()
     compression["budget"] = budget.summary() if budget else None
+    if budget:
+        compression["budget"]["validated"] = validated_latency(compression["budget"], validation.report["speed"])
     compression["groups_compressed"] = sum(g["action"] in ("folded", "pruned") for g in compression["groups"])
     return {
         "foldship_version": metadata.version("foldship"),

@@ -285,13 +285,14 @@ def budget_lines(budget: dict | None) -> list[str]:
     reached = f"{budget['mac_fraction']:.3f}x MACs" + (
         f", {budget['latency_fraction']:.3f}x latency" if budget.get("latency_fraction") is not None else "")
     removed = budget.get("removed_blocks") or []
+    checked = validated_lines(budget)
     if removed:
         lines = ["## Budget", "",
                  f"Target {goal}, planned {reached} by removing {len(removed)} residual block(s) whole (every channel "
                  f"kept), the least added damage per MAC fraction saved first, measured on {budget['probe']}.", "",
                  "| removed block | share of the baseline's MACs | added damage (KL) |", "|---|---:|---:|"]
         lines += [f"| {b['block']} | {b['mac_share']:.4f} | {b['damage']:.3g} |" for b in removed]
-        return lines + [""]
+        return lines + [""] + checked
     narrowed = [w for w in budget["widths"] if w["kept"] < w["width"]]
     lines = ["## Budget", "",
              f"Target {goal}, planned {reached}. Damage measured on {budget['probe']} with repair "
@@ -302,7 +303,20 @@ def budget_lines(budget: dict | None) -> list[str]:
         first = "" if w["first_pass_kept"] is None else w["first_pass_kept"]
         sensitivity = "" if w["sensitivity"] is None else f"{w['sensitivity']:.3g}"
         lines.append(f"| {w['group']} | {w['kind']} | {w['width']} | {first} | {w['kept']} | {sensitivity} |")
-    return lines + [""]
+    return lines + [""] + checked
+
+
+def validated_lines(budget: dict) -> list[str]:
+    """A latency goal against the build's validation timing, when that timing is the kind the plan made."""
+    check = budget.get("validated")
+    if not check:
+        return []
+    low_high = "" if check["latency_interval"] is None else "–".join(f"{v:.2f}" for v in check["latency_interval"])
+    spread = f" ({low_high})" if low_high else ""
+    met = "met" if check["met"] else "**not met**"
+    return [f"Validation timed the engine at {check['latency_fraction']:.3f}x the baseline's latency{spread} at batch "
+            f"{check['batch']} on ONNX Runtime CPU: the {budget['goal']:.2f}x goal is {met} in this timing (the plan's "
+            f"last round: {budget['latency_fraction']:.3f}x).", ""]
 
 
 def reconstruction_lines(section: dict | None) -> list[str]:
