@@ -593,7 +593,7 @@ def inspect(
 
 
 def _print_summary(report: dict, folder: str) -> None:
-    from .pipeline.report import run_title, summary_rows
+    from .pipeline.report import run_title, summary_rows, validated_sentence
 
     table = Table(title=f"{run_title(report)} -> {folder}")
     for column, justify in (("metric", "left"), ("baseline", "right"), ("compressed", "right"), ("change", "right")):
@@ -604,8 +604,11 @@ def _print_summary(report: dict, folder: str) -> None:
     out.print(f"top-1 agreement {100 * report['agreement']['top1_agreement']:.1f}%"
               + (f"; residual streams {report['residual_streams']}" if "residual_streams" in report else ""))
     speed = report.get("speed")
-    if speed:  # the last line: what the compression bought on the shipped runtime, a slowdown named as one
+    if speed:  # what the compression bought on the shipped runtime, a slowdown named as one
         out.print(f"speed on ONNX Runtime CPU: {speed['sentence']}", highlight=False, soft_wrap=True)
+    latency_goal = validated_sentence((report.get("compression") or {}).get("budget"))
+    if latency_goal:
+        out.print(latency_goal, highlight=False, soft_wrap=True)
 
 
 def _print_bench_run(result: dict, json_out: Path | None) -> None:

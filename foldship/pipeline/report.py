@@ -307,16 +307,22 @@ def budget_lines(budget: dict | None) -> list[str]:
 
 
 def validated_lines(budget: dict) -> list[str]:
-    """A latency goal against the build's validation timing, when that timing is the kind the plan made."""
-    check = budget.get("validated")
+    """report.md's line on a latency goal against the build's validation timing (``validated_sentence``)."""
+    sentence = validated_sentence(budget, "**")
+    return [sentence, ""] if sentence else []
+
+
+def validated_sentence(budget: dict | None, emphasis: str = "") -> str | None:
+    """A latency goal against the build's validation timing, when that timing is the kind the plan made
+    (``compression.budget.validated``); None otherwise. ``emphasis`` wraps "not met"."""
+    check = (budget or {}).get("validated")
     if not check:
-        return []
-    low_high = "" if check["latency_interval"] is None else "–".join(f"{v:.2f}" for v in check["latency_interval"])
-    spread = f" ({low_high})" if low_high else ""
-    met = "met" if check["met"] else "**not met**"
-    return [f"Validation timed the engine at {check['latency_fraction']:.3f}x the baseline's latency{spread} at batch "
+        return None
+    spread = "" if check["latency_interval"] is None else f" ({'–'.join(f'{v:.2f}' for v in check['latency_interval'])})"
+    met = "met" if check["met"] else f"{emphasis}not met{emphasis}"
+    return (f"Validation timed the engine at {check['latency_fraction']:.3f}x the baseline's latency{spread} at batch "
             f"{check['batch']} on ONNX Runtime CPU: the {budget['goal']:.2f}x goal is {met} in this timing (the plan's "
-            f"last round: {budget['latency_fraction']:.3f}x).", ""]
+            f"last round: {budget['latency_fraction']:.3f}x).")
 
 
 def reconstruction_lines(section: dict | None) -> list[str]:
