@@ -285,7 +285,8 @@ def budget_lines(budget: dict | None) -> list[str]:
     reached = f"{budget['mac_fraction']:.3f}x MACs" + (
         f", {budget['latency_fraction']:.3f}x latency" if budget.get("latency_fraction") is not None else "")
     removed = budget.get("removed_blocks") or []
-    checked = validated_lines(budget)
+    sentence = validated_sentence(budget, "**")
+    checked = [sentence, ""] if sentence else []  # the latency goal against the build's own timing
     if removed:
         lines = ["## Budget", "",
                  f"Target {goal}, planned {reached} by removing {len(removed)} residual block(s) whole (every channel "
@@ -304,12 +305,6 @@ def budget_lines(budget: dict | None) -> list[str]:
         sensitivity = "" if w["sensitivity"] is None else f"{w['sensitivity']:.3g}"
         lines.append(f"| {w['group']} | {w['kind']} | {w['width']} | {first} | {w['kept']} | {sensitivity} |")
     return lines + [""] + checked
-
-
-def validated_lines(budget: dict) -> list[str]:
-    """report.md's line on a latency goal against the build's validation timing (``validated_sentence``)."""
-    sentence = validated_sentence(budget, "**")
-    return [sentence, ""] if sentence else []
 
 
 def validated_sentence(budget: dict | None, emphasis: str = "") -> str | None:
