@@ -453,8 +453,7 @@ def block_removals(model: nn.Module, example, probe: torch.Tensor) -> Iterator[B
             for name in share:
                 if name in removed:
                     continue
-                candidate = copy.deepcopy(model)
-                remove_blocks(candidate, removed + [name], example)
+                candidate = without_blocks(model, example, removed + [name])
                 added = output_damage(reference, _probe_run(candidate, probe)) - damage
                 score = added / max(share[name], 1e-12)
                 if best is None or score < best[0]:
@@ -494,10 +493,10 @@ class UnreachableDepth(BadInput):
         super().__init__(f"without all {blocks} removable residual blocks the model keeps {reached:.3f}x MACs")
 
 
-def without_blocks(model: nn.Module, example, removed: Sequence[BlockRemoval]) -> nn.Module:
-    """A copy of ``model`` with ``removed`` removed (the architecture a depth plan ships)."""
+def without_blocks(model: nn.Module, example, names: Sequence[str]) -> nn.Module:
+    """A copy of ``model`` without the named residual blocks (the architecture a depth plan ships)."""
     kept = copy.deepcopy(model)
-    remove_blocks(kept, [b.name for b in removed], example)
+    remove_blocks(kept, names, example)
     return kept
 
 
@@ -505,7 +504,7 @@ def depth_plan(model: nn.Module, example, target: str, goal: float, removed: lis
                probe: str, protected: Sequence[str] | None = None) -> BudgetPlan:
     """The plan that removes ``removed``: it names every channel group of the model left (``protected``:
     module names, as for the engine) at its full width."""
-    kept = without_blocks(model, example, removed)
+    kept = without_blocks(model, example, [b.name for b in removed])
     outputs = output_layers(kept, example) if protected is None else named_modules(kept, protected)
     groups = [GroupBudget(v.name, v.kind, v.size, []) for v in DependencyAdapter(kept, example, outputs).groups()]
     return BudgetPlan(target, goal, 1, groups, mac_left(removed), probe, "none",

@@ -115,7 +115,7 @@ def plan_block_removal_for_latency(model: nn.Module, example, target_latency: fl
         try:
             remove_until(steps, removed, target_latency)
             while True:
-                measured, interval = measure(without_blocks(model, example, removed))
+                measured, interval = measure(without_blocks(model, example, [b.name for b in removed]))
                 rounds.append({"blocks_removed": len(removed), "mac_fraction": round(mac_left(removed), 4),
                                "latency_fraction": round(measured, 4), "latency_interval": interval})
                 if measured <= target_latency:
@@ -133,6 +133,11 @@ def plan_block_removal_for_latency(model: nn.Module, example, target_latency: fl
                    f"{measured:.2f}x with {len(removed)} blocks removed); raise target_latency or use target_macs")
 
 
+def latency_fraction(speedup: float, low: float | None, high: float | None) -> tuple[float, list | None]:
+    """A speedup over the baseline (with its interval, or None) as a fraction of the baseline's latency."""
+    return 1.0 / speedup, None if low is None else [round(1.0 / high, 4), round(1.0 / low, 4)]
+
+
 def validated_latency(budget: dict | None, speed: dict | None) -> dict | None:
     """A latency plan's goal against the build's own validation timing (``speed``, the report's), where
     that timing is the kind the plan made (ONNX Runtime CPU at LATENCY_BATCH); None otherwise. The
@@ -140,8 +145,7 @@ def validated_latency(budget: dict | None, speed: dict | None) -> dict | None:
     if not budget or budget["target"] != "latency" or not speed or \
             (speed["backend"], speed["batch"]) != ("onnxruntime-cpu", LATENCY_BATCH):
         return None
-    fraction = 1.0 / speed["value"]
-    interval = None if speed["low"] is None else [round(1.0 / speed["high"], 4), round(1.0 / speed["low"], 4)]
+    fraction, interval = latency_fraction(speed["value"], speed["low"], speed["high"])
     return {"backend": speed["backend"], "batch": speed["batch"], "latency_fraction": round(fraction, 4),
             "latency_interval": interval, "met": fraction <= budget["goal"]}
 
@@ -161,8 +165,7 @@ def onnx_latency(baseline: nn.Module, example: torch.Tensor, threads: int) -> It
             pair = [onnx_artifact("candidate", candidate_onnx), onnx_artifact("baseline", baseline_onnx)]
             stats = time_artifacts(pair, "onnxruntime-cpu", tuple(example.shape[1:]), LATENCY_BATCH, protocol)
             speed = Speedup.from_blocks(stats["baseline"].block_p50_ms, stats["candidate"].block_p50_ms)
-            interval = None if speed.low is None else [round(1.0 / speed.high, 4), round(1.0 / speed.low, 4)]
-            return 1.0 / speed.value, interval
+            return latency_fraction(speed.value, speed.low, speed.high)
 
         yield measure
 
