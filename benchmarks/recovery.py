@@ -49,7 +49,7 @@ CASES = {
     "resnet56": {"title": "ResNet-56, --groups inner, ratio 0.5", "target": "fold >= 911/1000, build <= 15 min",
                  "config": CIFAR | {"model": "cifar_resnet56", "checkpoint": str(CKPT / "resnet56-4bfd9763.th"),
                                     "ratio": 0.5, "groups": "inner"},
-                 # 12 epochs: 912-919 over seeds 0-2 in 10-11-minute builds, where 8 kept 906 (docs/recovery.md)
+                 # 12 epochs: 912-919 over seeds 0-2 in 10-11-minute builds, where 8 kept 906-908 (docs/recovery.md)
                  "repair": "reconstruct+bn-recalibrate", "finetune": {"finetune_epochs": 12}},
     "resnet20": {"title": "ResNet-20, --groups inner, ratio 0.3", "target": "fold >= 895/1000",
                  "config": CIFAR | {"model": "cifar_resnet20", "checkpoint": str(CKPT / "resnet20-12fca82f.th"),
@@ -198,12 +198,15 @@ def print_seed_spread(rows: list[dict]) -> None:
     print("\n| case | method | repair | seeds | before recovery: mean (min-max) | top-1: mean (min-max) | baseline |")
     print("|---|---|---|---:|---:|---:|---:|")
     for (case, section, method, repair), runs in settings.items():
-        def spread(key: str) -> str:
-            values = [r[key] for r in runs if r[key] is not None]
-            return f"{statistics.mean(values):.1f} ({min(values)}-{max(values)})" if values else ""
         shown = f"{repair}, distill" if section == "recovery" else repair
-        print(f"| {case} | {method} | {shown} | {', '.join(str(r['seed']) for r in runs)} | {spread('before')} | "
-              f"**{spread('correct')}** /{runs[0]['total']} | {runs[0]['baseline']} |")
+        print(f"| {case} | {method} | {shown} | {', '.join(str(r['seed']) for r in runs)} | "
+              f"{_spread(runs, 'before')} | **{_spread(runs, 'correct')}** /{runs[0]['total']} | {runs[0]['baseline']} |")
+
+
+def _spread(runs: list[dict], key: str) -> str:
+    """Mean (min-max) of one count over runs; empty where no run has it."""
+    values = [r[key] for r in runs if r[key] is not None]
+    return f"{statistics.mean(values):.1f} ({min(values)}-{max(values)})" if values else ""
 
 
 if __name__ == "__main__":
