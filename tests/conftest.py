@@ -20,6 +20,12 @@ from foldship.data import load_images
 from foldship.models import load_model
 from foldship.models.spec import Preprocessing
 
+# Under pytest-xdist (make test) each worker process is one of several sharing the cores: one thread each, for
+# PyTorch, for ONNX Runtime (which follows PyTorch's count) and for the CLI processes the tests start.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FOLDSHIP_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CKPT = SHARED / "checkpoints" / "cifar10_resnet_akamaster"
