@@ -160,7 +160,8 @@ class BudgetPlan:
     removed_blocks: list[BlockRemoval] = field(default_factory=list)  # depth plans (``plan_block_removal``), in order
 
     def group_ratios(self) -> dict[str, float]:
-        """Ratios that make the engine's width rule give exactly the planned widths."""
+        """Ratios that make the engine's width rule give exactly the planned widths, with ``round_to=align``:
+        groups no wider than ``align`` are left out of the plan, and only that rule keeps them whole."""
         return {g.name: ratio_for_width(g.size, g.width) for g in self.groups}
 
     def block_names(self) -> list[str]:
