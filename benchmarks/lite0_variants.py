@@ -1,24 +1,30 @@
 """EfficientNet-Lite0 at --target-macs 0.80: what the budget survey's constants, the distillation
-temperature and feature terms in the distillation loss do to top-1 (docs/recovery.md, "What else was tried").
+temperature, feature terms in the distillation loss and whole blocks removed before the channel plan
+do to top-1 (docs/recovery.md, "What else was tried").
 
 The same stages as ``foldship build`` with examples/efficientnet_lite0_imagenet.yaml, evaluated on the
 first 500 ImageNet sample images and calibrated on the other 500, repair bn-recalibrate: the budget
 plan (with the survey constants given here in place of foldship's), compression, top-1 before
 distillation, then one distillation per temperature and loss from the same compressed model (0.0001,
-batch 32, 4 epochs, the recovery case's settings). A loss is ``+``-joined terms: ``kl`` (foldship's),
-``head`` (the mean squared error of the 1,280-wide features before pooling, divided by the teacher's
-mean square: feature mimicking, Wang et al. 2022, "Compressing Models with Few Samples: Mimicking then
-Replacing"), ``stages`` (the same at each stage's output, averaged; the plan keeps their widths).
+batch 32, 4 epochs, the recovery case's settings). ``--blocks-first K`` makes a mixed plan: the first K
+blocks of foldship's depth order (``--drop-blocks``, probed on the same calibration images) are removed,
+and the channel plan meets the rest of the target on the model without them.
+A loss is ``+``-joined terms: ``kl`` (foldship's), ``head`` (the mean squared error of the 1,280-wide
+features before pooling, divided by the teacher's mean square: feature mimicking, Wang et al. 2022,
+"Compressing Models with Few Samples: Mimicking then Replacing"), ``stages`` (the same at each stage's
+output, averaged; the plan keeps their widths).
 Top-1 is PyTorch's on the CPU; no files are exported.
 The constants are module-level in foldship (compress/budget.py, compress/distill.py); this script
 sets them for its own process only.
 
     PYTHONPATH=. .venv/bin/python benchmarks/lite0_variants.py [--survey-recalibration 64]
-        [--first-pass-share 0.5] [--probe-count 32] [--temperatures 4 1 2] [--losses kl head kl+head] [--threads 2]
+        [--first-pass-share 0.5] [--probe-count 32] [--blocks-first 0] [--temperatures 4 1 2] [--losses kl head kl+head]
+        [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
 import json
@@ -97,6 +103,8 @@ def main() -> None:
     parser.add_argument("--first-pass-share", type=float, default=ALLOCATION.FIRST_PASS_SHARE,
                         help="share of the MAC cut planned from each group's damage alone")
     parser.add_argument("--probe-count", type=int, default=SURVEY.PROBE_COUNT, help="probe images of the survey")
+    parser.add_argument("--blocks-first", type=int, default=0,
+                        help="remove the first K blocks of the depth order, then narrow channels for the rest")
     parser.add_argument("--temperatures", type=float, nargs="*", default=[DISTILL.TEMPERATURE],
                         help="distillation temperatures, each from the same compressed model (none: no distillation)")
     parser.add_argument("--losses", nargs="+", default=["kl"],
@@ -121,9 +129,16 @@ def main() -> None:
                                      config.seed).x
     example = loaded.example_inputs(2)
     round_to = config.width_rule().round_to
-    plan = SURVEY.plan_budget(loaded.model, example, config.method, config.target_macs, None, round_to,
+    with contextlib.closing(ALLOCATION.block_removals(loaded.model, example,
+                                                     calibration[:ALLOCATION.BLOCK_PROBE_COUNT])) as order:
+        removed = [block for block, _ in zip(order, range(args.blocks_first))]
+    if len(removed) < args.blocks_first:
+        parser.error(f"--blocks-first {args.blocks_first}: the model has {len(removed)} removable blocks")
+    model = ALLOCATION.without_blocks(loaded.model, example, [b.name for b in removed]) if removed else loaded.model
+    goal = config.target_macs / ALLOCATION.mac_left(removed)  # of the MACs the model without them keeps
+    plan = SURVEY.plan_budget(model, example, config.method, goal, None, round_to,
                               config.groups, config.protected, args.threads, calibration, config.seed, config.repair)
-    compressed = compress_model(loaded.model, example, config.method, config.ratio, config.seed, config.groups,
+    compressed = compress_model(model, example, config.method, config.ratio, config.seed, config.groups,
                                 plan.group_ratios(), config.protected, round_to, repair=config.repair,
                                 calibration=calibration).model.cpu().eval()
 
@@ -131,7 +146,8 @@ def main() -> None:
         return classification_scores(evaluate_torch(model.eval(), data.x), data.y, loaded.num_classes)["correct"]
 
     result = {"survey_recalibration": args.survey_recalibration, "first_pass_share": args.first_pass_share,
-              "probe_count": args.probe_count, "baseline": top1(loaded.model), "total": len(data),
+              "probe_count": args.probe_count, "removed_blocks": [b.name for b in removed],
+              "baseline": top1(loaded.model), "total": len(data),
               "mac_ratio": count_macs(compressed, example) / count_macs(loaded.model, example),
               "widths": {g.name: [g.width, g.size] for g in plan.groups if g.width != g.size},
               "before": top1(compressed), "plan_seconds": round(time.perf_counter() - start), "after": {}}
@@ -147,9 +163,10 @@ def main() -> None:
             result["after"][f"T={temperature:g} {spec}"] = top1(student.model)
     DISTILL.distillation_loss = kl
 
-    print(f"\n| survey BN images | first-pass share | probe images | MACs | baseline | before distillation | "
-          f"after, by temperature and loss |\n|---:|---:|---:|---:|---:|---:|---|\n| {args.survey_recalibration} | "
-          f"{args.first_pass_share:g} | {args.probe_count} | {result['mac_ratio']:.3f}x | "
+    print(f"\n| survey BN images | first-pass share | probe images | blocks removed | MACs | baseline | "
+          f"before distillation | after, by temperature and loss |\n|---:|---:|---:|---|---:|---:|---:|---|\n"
+          f"| {args.survey_recalibration} | {args.first_pass_share:g} | {args.probe_count} | "
+          f"{', '.join(result['removed_blocks']) or 'none'} | {result['mac_ratio']:.3f}x | "
           f"{result['baseline']}/{len(data)} | {result['before']}/{len(data)} | "
           + (", ".join(f"{t}: {c}" for t, c in result["after"].items()) or "not distilled") + " |")
     out = Path(args.out)
