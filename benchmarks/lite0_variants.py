@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/lite0_variants.json")
     args = parser.parse_args()
+    if args.blocks_first < 0:
+        parser.error(f"--blocks-first must be 0 or more, got {args.blocks_first}")
     SURVEY.SURVEY_RECALIBRATION_COUNT, SURVEY.PROBE_COUNT = args.survey_recalibration, args.probe_count
     ALLOCATION.FIRST_PASS_SHARE = args.first_pass_share
     torch.set_num_threads(args.threads)
