@@ -192,6 +192,20 @@ def test_a_fold_budget_narrows_option_a_streams_only_as_far_as_their_shortcuts_l
     assert {g.name: g.kept for g in result.groups} == {g.name: g.width for g in plan.groups}
 
 
+def test_a_plan_keeps_the_groups_it_left_out_whole_at_any_round_to(resnet20):
+    # Planned in blocks of 16, ResNet-20's 16-wide stage-1 groups cannot narrow and stay out of the plan.
+    # Its ratios name them at 0: applied with round_to 1 and a uniform ratio of 0.5, which would halve any
+    # group they did not name, every group still gets the planned width or stays whole.
+    x = resnet20.example_inputs(2)
+    plan = plan_budget(resnet20.model, x, "prune-l2", target_macs=0.7, round_to=16)
+    widths = {g.name: g.size for g in channel_groups(resnet20.model, x)}
+    planned = {g.name: g.width for g in plan.groups}
+    assert sorted(plan.kept_whole) == sorted(n for n, w in widths.items() if w == 16)
+    assert plan.kept_whole and all(w % 16 == 0 for w in planned.values())
+    result = compress_model(resnet20.model, x, "prune-l2", 0.5, group_ratios=plan.group_ratios(), round_to=1)
+    assert {g.name: g.kept for g in result.groups} == widths | planned
+
+
 class TwinNet(nn.Module):
     """Two identical branches ``a`` and ``b`` joined by an elementwise maximum, with non-negative
     output weights: taking channels from one branch only lowers its output, so the maximum (the

@@ -158,11 +158,13 @@ class BudgetPlan:
     latency_fraction: float | None = None  # measured, with a latency target
     rounds: list[dict] = field(default_factory=list)  # latency target: each planned MAC target and its measurement
     removed_blocks: list[BlockRemoval] = field(default_factory=list)  # depth plans (``plan_block_removal``), in order
+    # groups the survey found but could not plan (no wider than ``align``, or left whole by the engine)
+    kept_whole: list[str] = field(default_factory=list)
 
     def group_ratios(self) -> dict[str, float]:
-        """Ratios that make the engine's width rule give exactly the planned widths, with ``round_to=align``:
-        groups no wider than ``align`` are left out of the plan, and only that rule keeps them whole."""
-        return {g.name: ratio_for_width(g.size, g.width) for g in self.groups}
+        """Every group's ratio: the planned widths exactly, with ``round_to`` = ``align`` or any divisor of it, and
+        ratio 0 for ``kept_whole``, so a caller's uniform ratio never reaches a group the plan left out."""
+        return {name: 0.0 for name in self.kept_whole} | {g.name: ratio_for_width(g.size, g.width) for g in self.groups}
 
     def block_names(self) -> list[str]:
         """The residual blocks the engine removes (``compress_model(removed_blocks=...)``), in plan order."""
@@ -185,6 +187,7 @@ class BudgetPlan:
                 "predicted_damage": round(self.predicted_damage, 6),
                 "removed_blocks": [{"block": b.name, "mac_share": round(b.mac_share, 4), "damage": round(b.damage, 6)}
                                    for b in self.removed_blocks],
+                "kept_whole": self.kept_whole,
                 "widths": [{"group": g.name, "kind": g.kind, "width": g.size, "kept": g.width,
                             "first_pass_kept": alone[g.name].width if self.first_pass else None,
                             "sensitivity": None if g.sensitivity is None else round(g.sensitivity, 6),
@@ -201,6 +204,7 @@ class MacModel:
     def __init__(self, model: nn.Module, example, views: Sequence[GroupView]):
         self.layers = layer_macs(model, example[:1] if isinstance(example, torch.Tensor) else example)
         self.total = sum(self.layers.values())
+        self.groups = [view.name for view in views]  # every group, planned or not
         self.factors: dict[nn.Module, list[str]] = {}
         for view in views:
             for item in view.weighted_items:
@@ -420,6 +424,8 @@ def two_pass_survey(model: nn.Module, example, method: str, goal: float, align: 
         plan.groups, _, plan.first_pass_damage = survey(model, example, method, align, group_policy, protected,
                                                         probe, seed, starts, repair, recalibration)
         plan.first_pass, plan.first_pass_fraction = first, reached
+    planned = {g.name for g in plan.groups}
+    plan.kept_whole = [name for name in macs.groups if name not in planned]
     return plan, macs
 
 

@@ -410,7 +410,7 @@ def _compress_group(view: GroupView, method: str, ratio: float, policy: str, see
     k = kept_width(n, ratio, round_to)
     if k >= n:
         record.action = (f"kept: not wider than round_to {round_to} (a narrower width would be padded back)"
-                         if ratio > 0 and 1 < n <= round_to else "kept: width rule keeps every channel")
+                         if 1 < n <= round_to else "kept: width rule keeps every channel")
         return record
     reason = foldability(view)
     if reason is not None:
