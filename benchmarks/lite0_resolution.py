@@ -13,8 +13,10 @@ fraction 1.0). Top-1 is PyTorch's on the CPU; no data is used but the evaluation
 by ``--drop-blocks``, distillation 4 epochs at 0.0001 in batches of 32, calibrated on the other 500 images) built
 with the input at SIZE (the config's crop fraction, 1.0), its MAC target scaled so that the whole comes to
 ``--target-macs`` of the config's input. Its top-1 is through ONNX Runtime, against the baseline at the config's
-input. foldship cannot yet ship such a build with a baseline at another size: its baseline and compressed engine
-share one preprocessing, so this is a measurement, not a product path.
+input. Each build's compressed.onnx is timed on ONNX Runtime CPU against the uncompressed model exported at the
+config's input, interleaved in one run at the config's batch sizes (foldship's latency protocol and speedup
+interval). foldship cannot yet ship such a build with a baseline at another size: its baseline and compressed
+engine share one preprocessing, so this is a measurement, not a product path.
 
 The config's crop fraction is 1.0; 0.875 is the TensorFlow and timm evaluation standard for these weights
 (shared data README: 83.5 % on 200 images). Choosing between the two by these rows is choosing on the
@@ -29,16 +31,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 
 from foldship.data import load_images
+from foldship.exporters import export_model
 from foldship.pipeline.build import load_from_config
 from foldship.pipeline.config import SHARED_DATA, load_config
 from foldship.pipeline.environment import fingerprint
-from foldship.validators import count_macs
+from foldship.validators import LatencyProtocol, count_macs, onnx_artifact
 from foldship.validators.accuracy import classification_scores, evaluate_torch
+from foldship.validators.latency import time_artifacts
+from foldship.validators.speed import Speedup, change_text
 from recovery import CASES, run_build, summarise  # benchmarks/recovery.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,24 +100,30 @@ def main() -> None:
         change = "" if baseline is None else f"{100 * (r['correct'] - baseline['correct']) / r['total']:+.1f} pt"
         print(f"| {r['size']} | {r['resize']} | {r['crop_fraction']:g} | {r['mac_fraction']:.3f}x | "
               f"{r['correct']}/{r['total']} ({100 * r['correct'] / r['total']:.1f} %) | {change} |")
-    builds = [build_at(size, macs(size) / reference, args.target_macs, own.crop / own.resize, seed, args.threads)
-              for size in args.builds for seed in args.seeds]
+    with tempfile.TemporaryDirectory(prefix="lite0_resolution.") as tmp:
+        if args.builds:  # the engine every build is timed against: the uncompressed model at the config's input
+            first = load_images(config.data, own, 8, loaded.num_classes).x
+            base_onnx = export_model(loaded.model, first[:2], tmp, "baseline", config.export_options(), first).onnx.path
+        timing = lambda size: lambda run: time_against(base_onnx, side, run / "compressed.onnx", size,
+                                                       config.batches, args.threads)
+        builds = [build_at(size, macs(size) / reference, args.target_macs, own.crop / own.resize, seed, args.threads,
+                           timing(size)) for size in args.builds for seed in args.seeds]
     if builds:
         print(f"\nRecovery case at a smaller input, blocks removed to {args.target_macs:g}x the config's MACs in all "
               f"(ONNX Runtime top-1; baseline: the config's {side} px input)\n")
         print("| input | seed | input's MACs | MAC target at that input | removed blocks | MACs in all | baseline | "
-              "before recovery | after recovery | change | whole build |")
-        print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+              "before recovery | after recovery | change | ONNX Runtime CPU speed | whole build |")
+        print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|")
         for b in builds:
             if "error" in b:
-                print(f"| {b['size']} | {b['seed']} | n/a: {b['error']} |||||||||")
+                print(f"| {b['size']} | {b['seed']} | n/a: {b['error']} ||||||||||")
                 continue
             change = "" if baseline is None else f"{100 * (b['correct'] - baseline['correct']) / b['total']:+.1f} pt"
             print(f"| {b['size']} | {b['seed']} | {b['input_mac_fraction']:.3f}x | {b['target_at_input']:.4f} | "
                   f"{', '.join(b['removed_blocks'])} | {b['mac_fraction']:.3f}x | "
                   f"{'' if baseline is None else baseline['correct']}/{b['total']} | {b['before']}/{b['total']} | "
                   f"**{b['correct']}/{b['total']}** | "
-                  f"{change} | "
+                  f"{change} | {'; '.join(f'batch {k}: {v}' for k, v in b['speed_text'].items())} | "
                   f"{b['seconds'] / 60:.1f} min |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,9 +133,24 @@ def main() -> None:
     print(f"\nwrote {out}")
 
 
-def build_at(size: int, input_fraction: float, target: float, crop_fraction: float, seed: int, threads: int) -> dict:
+def time_against(baseline: str, side: int, compressed: Path, size: int, batches: list[int], threads: int) -> dict:
+    """The two ONNX files timed in turns on ONNX Runtime CPU, each fed its own input size: per batch size the
+    speedup (baseline p50 / compressed p50, paired block by block, with its interval) and both p50s."""
+    artifacts = [onnx_artifact("baseline", baseline), onnx_artifact("compressed", compressed)]
+    shapes = {"baseline": (3, side, side), "compressed": (3, size, size)}
+    speeds = {}
+    for batch in batches:
+        stats = time_artifacts(artifacts, "onnxruntime-cpu", shapes, batch, LatencyProtocol(threads=threads))
+        speedup = Speedup.from_blocks(stats["baseline"].block_p50_ms, stats["compressed"].block_p50_ms)
+        speeds[batch] = speedup.as_dict() | {"text": change_text(speedup), "baseline_p50_ms": stats["baseline"].p50_ms,
+                                             "compressed_p50_ms": stats["compressed"].p50_ms}
+    return speeds
+
+
+def build_at(size: int, input_fraction: float, target: float, crop_fraction: float, seed: int, threads: int,
+             timing) -> dict:
     """The lite0 recovery case built at ``size`` x ``size`` (the config's crop fraction), with the MAC target at
-    that input scaled to ``target`` of the config's input."""
+    that input scaled to ``target`` of the config's input; ``timing`` times the run folder's engine."""
     at_input = target / input_fraction
     if not 0 < at_input < 1:
         return {"size": size, "seed": seed, "error": f"the input alone is {input_fraction:.3f}x, already within {target:g}x"}
@@ -131,10 +158,13 @@ def build_at(size: int, input_fraction: float, target: float, crop_fraction: flo
     settings = case["config"] | {"repair": case["repair"], "finetune": "distill", **case["finetune"],
                                  "target_macs": round(at_input, 4), "drop_blocks": True, "seed": seed,
                                  "input_size": size, "crop": size, "resize": round(size / crop_fraction)}
-    result = summarise(run_build(settings, threads))
+    built = run_build(settings, threads, timing)
+    result = summarise(built)
     if "error" in result:
         return {"size": size, "seed": seed, "error": result["error"]}
-    return {"size": size, "seed": seed, "input_mac_fraction": round(input_fraction, 4), "target_at_input": round(at_input, 4),
+    speed = built["inspected"]
+    return {"size": size, "seed": seed, "speed": speed, "speed_text": {b: s["text"] for b, s in speed.items()},
+            "input_mac_fraction": round(input_fraction, 4), "target_at_input": round(at_input, 4),
             "mac_fraction": round(result["mac_ratio"] * input_fraction, 4), **result}
 
 

@@ -32,6 +32,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from foldship.compress.widths import round_to_from_text
@@ -68,15 +69,19 @@ CASES = {
 METHOD_REPAIRS = {"prune-l1": {"fold-ar": "none"}, "prune-l2": {"fold-ar": "none"}}  # Fold-AR: the identity for pruning
 
 
-def run_build(settings: dict, threads: int) -> dict:
-    """One build into a throw-away folder: its report and wall time, or why it could not run."""
+def run_build(settings: dict, threads: int, inspect: Callable[[Path], dict] | None = None) -> dict:
+    """One build into a throw-away folder: its report and wall time, or why it could not run; with ``inspect``,
+    also what it returns for the run folder (``inspected``), called before the folder goes."""
     with tempfile.TemporaryDirectory(prefix="recovery.") as tmp:
         start = time.perf_counter()
         try:
             report = build(load_config(None, **settings, threads=threads, out=str(Path(tmp) / "run"))).report
         except BadInput as exc:
             return {"error": str(exc)}
-        return {"seconds": round(time.perf_counter() - start, 1), "report": report}
+        result = {"seconds": round(time.perf_counter() - start, 1), "report": report}
+        if inspect is not None:
+            result["inspected"] = inspect(Path(tmp) / "run")
+        return result
 
 
 def summarise(result: dict) -> dict:

@@ -85,6 +85,19 @@ def test_real_sessions_take_turns_and_give_a_speedup_interval(resnet20, onnx_fil
     assert speed.blocks == 4 and speed.low <= speed.value <= speed.high and speed.confidence == 1 - 2 ** -3
 
 
+def test_each_artifact_is_fed_its_own_input_shape(resnet20, onnx_file, tmp_path):
+    # The same network exported at 24 x 24: its ONNX input is fixed at that size, so ONNX Runtime refuses
+    # the 32 x 32 batch the baseline takes, and accepts the two only when each gets its own shape.
+    small = tmp_path / "small.onnx"
+    export_onnx(resnet20.model, torch.zeros(2, 3, 24, 24), small, "legacy")
+    artifacts = [onnx_file, onnx_artifact("small", small)]
+    protocol = LatencyProtocol(warmup=1, min_runs=2, min_seconds=0, threads=1, trials=2)
+    with pytest.raises(Exception, match="(?i)dimension"):
+        time_artifacts(artifacts, "onnxruntime-cpu", SHAPE, 2, protocol)
+    stats = time_artifacts(artifacts, "onnxruntime-cpu", {"baseline": SHAPE, "small": (3, 24, 24)}, 2, protocol)
+    assert [s.runs for s in stats.values()] == [2, 2]
+
+
 def test_block_order_rotates_each_round():
     assert block_order(["A", "B"], 3) == ["A", "B", "B", "A", "A", "B"]
     assert block_order(["A", "B", "C"], 3) == ["A", "B", "C", "B", "C", "A", "C", "A", "B"]

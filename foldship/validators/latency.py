@@ -22,7 +22,7 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -206,11 +206,14 @@ def interleave(models: Sequence[TimedModel], batch: int, protocol: LatencyProtoc
     return {name: LatencyStats.from_blocks(blocks[name], batch, threads, *peaks[name]) for name in by_name}
 
 
-def time_artifacts(artifacts: Sequence[Artifact], backend: str, input_shape: tuple[int, ...], batch: int,
+def time_artifacts(artifacts: Sequence[Artifact], backend: str,
+                   input_shape: tuple[int, ...] | Mapping[str, tuple[int, ...]], batch: int,
                    protocol: LatencyProtocol, ort: OrtSettings = OrtSettings(),
                    on_block: Callable[[], None] | None = None) -> dict[str, LatencyStats]:
-    """Time several artifacts on one backend at one batch size, interleaved (``interleave``)."""
-    models = [_timed_model(a, backend, input_shape, batch, protocol, ort) for a in artifacts]
+    """Time several artifacts on one backend at one batch size, interleaved (``interleave``); ``input_shape`` is
+    every artifact's, or each one's by artifact name (models fed inputs of different sizes)."""
+    shape_of = lambda a: input_shape[a.name] if isinstance(input_shape, Mapping) else input_shape
+    models = [_timed_model(a, backend, shape_of(a), batch, protocol, ort) for a in artifacts]
     return interleave(models, batch, protocol, on_block=on_block)
 
 
