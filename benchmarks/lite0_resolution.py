@@ -1,5 +1,5 @@
 """EfficientNet-Lite0: top-1 and MACs of the uncompressed model fed smaller images, the axis foldship does
-not plan (docs/recovery.md, "Input resolution").
+not plan (docs/recovery.md, "EfficientNet-Lite0: a smaller input instead").
 
 foldship narrows channels and removes blocks; the input size is the model's preprocessing, which the baseline
 and the compressed engine share. A deployment can also shrink the input: this script measures what that
