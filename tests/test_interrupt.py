@@ -2,8 +2,11 @@
 the previous complete run or absent, never partial (no staging folder left either)."""
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -128,3 +131,53 @@ def test_a_run_folder_writes_nothing_before_its_block_and_leaves_nothing_after_a
     with RunFolder(tmp_path / "runs" / "run") as folder:
         folder.path("report.json").write_text("{}")
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["run"]
+
+
+@contextlib.contextmanager
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt in this block, whatever the test runner installed."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_signal_the_moment_the_staging_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """SIGINT the instant the staging folder exists (the window CI's sigint-load build once hit, when the
+    folder was named only after mkdtemp returned): it is named before it is made, so it goes."""
+    from foldship.pipeline.run_folder import RunFolder
+
+    make = os.mkdir
+
+    def make_then_signal(path, *args, **kwargs):
+        make(path, *args, **kwargs)
+        if Path(path).name.startswith(".run."):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "mkdir", make_then_signal)
+    with sigint_raises(), pytest.raises(KeyboardInterrupt):
+        with RunFolder(tmp_path / "runs" / "run"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_deferred_signals_wait_for_the_block_with_other_threads_running():
+    """A process-directed SIGINT while another thread runs (a progress bar's, a thread pool's) waits until
+    the block is done: masking it in this thread alone would let the kernel hand it to the other."""
+    from foldship.pipeline.run_folder import signals_deferred
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    finished = False
+    try:
+        with sigint_raises(), pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the handler would run here, were the signal not held
+                finished = True
+    finally:
+        stop.set()
+        other.join()
+    assert finished

@@ -12,8 +12,8 @@ import errno
 import json
 import os
 import shutil
+import secrets
 import signal
-import tempfile
 import threading
 from pathlib import Path
 
@@ -30,20 +30,32 @@ WRITE_FIXES = {
 }
 
 
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def signals_deferred():
     """Hold SIGINT and SIGTERM until the block is done, so a rename or clean-up never stops half-way.
 
-    A signal that arrives meanwhile is delivered (and raises KeyboardInterrupt) right after the block.
+    Their handlers only record a signal during the block; the first one recorded is raised again right
+    after it, with the handlers as they were (so it raises KeyboardInterrupt where it would have). Masking
+    the signals in this thread would not do: the kernel hands them to another thread (a progress bar's, a
+    thread pool's), and Python runs the handler in the main thread all the same.
     """
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught: list[int] = []
+    previous = {}
     try:
+        for signum in DEFERRED_SIGNALS:
+            previous[signum] = signal.signal(signum, lambda received, _frame: caught.append(received))
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 class RunFolder:
@@ -68,10 +80,14 @@ class RunFolder:
         parent = self.final.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=parent))
-            umask = os.umask(0)
-            os.umask(umask)
-            self.staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the run folder private
+            # Named before it exists, so that discard() knows it whenever a signal arrives; the process id
+            # and 64 random bits keep two runs apart. Mode 0o777 less the umask, as any folder the user makes.
+            self.staging = parent / f".{self.final.name}.{os.getpid()}-{secrets.token_hex(8)}"
+            try:
+                self.staging.mkdir()
+            except FileExistsError:  # another process's folder (never in practice): not this run's to remove
+                self.staging = None
+                raise
         except OSError as exc:
             self.discard()
             raise BadInput(f"cannot write to {parent} ({exc.strerror}); choose a writable --out") from None
