@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,10 +67,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/lite0_resolution.json")
     args = parser.parse_args()
-    bad = ([s for s in args.sizes + args.builds if s < 32] + [f for f in args.crop_fractions if not 0 < f <= 1]
-           + [t for t in [args.target_macs] if not 0 < t < 1])
-    if bad:
-        parser.error(f"sizes must be >= 32 pixels, crop fractions in (0, 1] and --target-macs in (0, 1); got {bad}")
+    bad = [s for s in args.sizes + args.builds if s < 32] + [f for f in args.crop_fractions if not 0 < f <= 1]
+    if bad or not 0 < args.target_macs < 1:
+        parser.error(f"sizes must be >= 32 pixels, crop fractions in (0, 1] and --target-macs in (0, 1); "
+                     f"got {bad or args.target_macs}")
     torch.set_num_threads(args.threads)
 
     config = load_config(ROOT / "examples/efficientnet_lite0_imagenet.yaml",
@@ -100,14 +102,16 @@ def main() -> None:
         change = "" if baseline is None else f"{100 * (r['correct'] - baseline['correct']) / r['total']:+.1f} pt"
         print(f"| {r['size']} | {r['resize']} | {r['crop_fraction']:g} | {r['mac_fraction']:.3f}x | "
               f"{r['correct']}/{r['total']} ({100 * r['correct'] / r['total']:.1f} %) | {change} |")
-    with tempfile.TemporaryDirectory(prefix="lite0_resolution.") as tmp:
-        if args.builds:  # the engine every build is timed against: the uncompressed model at the config's input
+    builds = []
+    if args.builds:
+        with tempfile.TemporaryDirectory(prefix="lite0_resolution.") as tmp:
+            # the engine every build is timed against: the uncompressed model at the config's input
             first = load_images(config.data, own, 8, loaded.num_classes).x
             base_onnx = export_model(loaded.model, first[:2], tmp, "baseline", config.export_options(), first).onnx.path
-        timing = lambda size: lambda run: time_against(base_onnx, side, run / "compressed.onnx", size,
-                                                       config.batches, args.threads)
-        builds = [build_at(size, macs(size) / reference, args.target_macs, own.crop / own.resize, seed, args.threads,
-                           timing(size)) for size in args.builds for seed in args.seeds]
+            for size in args.builds:
+                timing = functools.partial(time_against, base_onnx, side, size, config.batches, args.threads)
+                builds += [build_at(size, macs(size) / reference, args.target_macs, own.crop / own.resize, seed,
+                                    args.threads, timing) for seed in args.seeds]
     if builds:
         print(f"\nRecovery case at a smaller input, blocks removed to {args.target_macs:g}x the config's MACs in all "
               f"(ONNX Runtime top-1; baseline: the config's {side} px input)\n")
@@ -133,10 +137,11 @@ def main() -> None:
     print(f"\nwrote {out}")
 
 
-def time_against(baseline: str, side: int, compressed: Path, size: int, batches: list[int], threads: int) -> dict:
-    """The two ONNX files timed in turns on ONNX Runtime CPU, each fed its own input size: per batch size the
-    speedup (baseline p50 / compressed p50, paired block by block, with its interval) and both p50s."""
-    artifacts = [onnx_artifact("baseline", baseline), onnx_artifact("compressed", compressed)]
+def time_against(baseline: str, side: int, size: int, batches: list[int], threads: int, run: Path) -> dict:
+    """``baseline`` (fed side x side) and the run folder's compressed.onnx (size x size) timed in turns on ONNX
+    Runtime CPU: per batch size the speedup (baseline p50 / compressed p50, paired block by block, with its
+    interval) and both p50s."""
+    artifacts = [onnx_artifact("baseline", baseline), onnx_artifact("compressed", run / "compressed.onnx")]
     shapes = {"baseline": (3, side, side), "compressed": (3, size, size)}
     speeds = {}
     for batch in batches:
@@ -148,7 +153,7 @@ def time_against(baseline: str, side: int, compressed: Path, size: int, batches:
 
 
 def build_at(size: int, input_fraction: float, target: float, crop_fraction: float, seed: int, threads: int,
-             timing) -> dict:
+             timing: Callable[[Path], dict]) -> dict:
     """The lite0 recovery case built at ``size`` x ``size`` (the config's crop fraction), with the MAC target at
     that input scaled to ``target`` of the config's input; ``timing`` times the run folder's engine."""
     at_input = target / input_fraction
