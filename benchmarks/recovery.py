@@ -18,7 +18,7 @@ section and writes benchmarks/results/recovery.json (every report's numbers, wal
     .venv/bin/python benchmarks/recovery.py [--cases resnet56 resnet20 lite0] [--methods fold prune-l1 prune-l2]
         [--repairs fold-ar bn-recalibrate reconstruct] [--sections recovery repairs] [--threads 2]
         [--epochs N] [--lr LR] [--batch B] [--recovery-repair NAME] [--round-to N|auto] [--drop-blocks]
-        [--seeds 0 1 2]
+        [--compressed-input-size PX] [--seeds 0 1 2]
 
 With several ``--seeds`` every build runs once per seed (the seed draws the k-means starts, the
 calibration draw, the shuffling and the augmentation), and a last table gives each setting's mean
@@ -32,7 +32,6 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from foldship.compress.widths import round_to_from_text
@@ -40,6 +39,7 @@ from foldship.errors import BadInput
 from foldship.pipeline.build import build
 from foldship.pipeline.config import SHARED_DATA, load_config, read_yaml
 from foldship.pipeline.environment import fingerprint
+from foldship.validators.speed import change_text, recorded_speedup
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = {"data": str(SHARED_DATA / "cifar10/cifar10_test_first1000_lossless.npz"),
@@ -69,19 +69,15 @@ CASES = {
 METHOD_REPAIRS = {"prune-l1": {"fold-ar": "none"}, "prune-l2": {"fold-ar": "none"}}  # Fold-AR: the identity for pruning
 
 
-def run_build(settings: dict, threads: int, inspect: Callable[[Path], dict] | None = None) -> dict:
-    """One build into a throw-away folder: its report and wall time, or why it could not run; with ``inspect``,
-    also what it returns for the run folder (``inspected``), called before the folder goes."""
+def run_build(settings: dict, threads: int) -> dict:
+    """One build into a throw-away folder: its report and wall time, or why it could not run."""
     with tempfile.TemporaryDirectory(prefix="recovery.") as tmp:
         start = time.perf_counter()
         try:
             report = build(load_config(None, **settings, threads=threads, out=str(Path(tmp) / "run"))).report
         except BadInput as exc:
             return {"error": str(exc)}
-        result = {"seconds": round(time.perf_counter() - start, 1), "report": report}
-        if inspect is not None:
-            result["inspected"] = inspect(Path(tmp) / "run")
-        return result
+        return {"seconds": round(time.perf_counter() - start, 1), "report": report}
 
 
 def summarise(result: dict) -> dict:
@@ -99,7 +95,10 @@ def summarise(result: dict) -> dict:
             "distill_seconds": None if recovery is None else round(recovery["seconds"], 1),
             "distill_images": None if recovery is None else recovery["images"],
             "distill_steps": None if recovery is None else recovery["steps"],
-            "images_per_second": None if recovery is None else round(recovery["images_per_second"], 1)}
+            "images_per_second": None if recovery is None else round(recovery["images_per_second"], 1),
+            "input": report["compressed"]["input"]["shape"][-1],
+            "speed": {batch: change_text(recorded_speedup(report, "onnxruntime-cpu", batch))
+                      for batch in report["speedup"].get("onnxruntime-cpu", {})}}
 
 
 def main() -> None:
@@ -119,6 +118,9 @@ def main() -> None:
     parser.add_argument("--drop-blocks", action="store_true",
                         help="budgeted cases (lite0) meet their MAC target by removing residual blocks, as foldship "
                              "build --drop-blocks; rows read method drop-blocks")
+    parser.add_argument("--compressed-input-size", type=int, default=None,
+                        help="budgeted cases (lite0) give the compressed engine this smaller input, as foldship build "
+                             "--compressed-input-size; the target stays a fraction of the baseline at its input")
     parser.add_argument("--threads", type=int, default=0, help="threads for distillation and ONNX Runtime (0: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="run every build once per seed (default: 0 only); several add a mean-and-range table")
@@ -145,7 +147,11 @@ def main() -> None:
                     settings["round_to"] = args.round_to
                 if args.drop_blocks and "target_macs" in settings:
                     settings["drop_blocks"] = True
+                if args.compressed_input_size and "target_macs" in settings:
+                    settings["compressed_input_size"] = args.compressed_input_size
                 shown = "drop-blocks" if settings.get("drop_blocks") else method
+                if settings.get("compressed_input_size"):
+                    shown += f" at {settings['compressed_input_size']} px"
                 row = {"case": name, "section": section, "method": shown, "repair": repair, "seed": seed,
                        "finetune": finetune, **summarise(run_build(settings, args.threads))}
                 rows.append(row)
@@ -168,30 +174,36 @@ def print_tables(rows: list[dict]) -> None:
     recovery = [r for r in rows if r["section"] == "recovery"]
     if recovery:
         print("\n| case | method | repair, then | MACs | baseline | before recovery | after recovery | change | "
-              "agreement after | distill: images x epochs, s (img/s) | whole build |")
-        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "agreement after | distill: images x epochs, s (img/s) | whole build | ONNX Runtime CPU speed |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in recovery:
             if "error" in r:
-                print(f"| {r['case']} | {r['method']} | {r['repair']} | n/a: {r['error']} |||||||")
+                print(f"| {r['case']} | {r['method']} | {r['repair']} | n/a: {r['error']} ||||||||")
                 continue
             epochs = r["finetune"].get("finetune_epochs")
             print(f"| {r['case']} | {r['method']} | {r['repair']}, distill, seed {r['seed']} | {r['mac_ratio']:.3f}x | "
                   f"{_score(r['baseline'], r['total'])} | {_score(r['before'], r['total'])} | "
                   f"**{_score(r['correct'], r['total'])}** | {100 * (r['correct'] - r['baseline']) / r['total']:+.1f} pt | "
                   f"{100 * r['agreement']:.1f} % | {r['distill_images']} x {epochs}, {r['distill_seconds']:.0f} s "
-                  f"({r['images_per_second']:.0f}) | {r['seconds'] / 60:.1f} min |")
+                  f"({r['images_per_second']:.0f}) | {r['seconds'] / 60:.1f} min | {speed_text(r)} |")
     repairs = [r for r in rows if r["section"] == "repairs"]
     if repairs:
-        print("\n| case | method | repair alone | MACs | baseline | top-1 | change | agreement | whole build |")
-        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+        print("\n| case | method | repair alone | MACs | baseline | top-1 | change | agreement | whole build | "
+              "ONNX Runtime CPU speed |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
         for r in repairs:
             if "error" in r:
-                print(f"| {r['case']} | {r['method']} | {r['repair']} | n/a: {r['error']} |||||")
+                print(f"| {r['case']} | {r['method']} | {r['repair']} | n/a: {r['error']} ||||||")
                 continue
             print(f"| {r['case']} | {r['method']} | {r['repair']}, seed {r['seed']} | {r['mac_ratio']:.3f}x | "
                   f"{_score(r['baseline'], r['total'])} | {_score(r['correct'], r['total'])} | "
                   f"{100 * (r['correct'] - r['baseline']) / r['total']:+.1f} pt | {100 * r['agreement']:.1f} % | "
-                  f"{r['seconds'] / 60:.1f} min |")
+                  f"{r['seconds'] / 60:.1f} min | {speed_text(r)} |")
+
+
+def speed_text(row: dict) -> str:
+    """The build's own ONNX Runtime CPU speedup at each batch size it timed (the report's interval)."""
+    return "; ".join(f"{batch.removeprefix('batch')}: {text}" for batch, text in row["speed"].items())
 
 
 def print_seed_spread(rows: list[dict]) -> None:

@@ -48,6 +48,10 @@ DROP_BLOCKS_HELP = ("With --target-macs or --target-latency: meet it by removing
                     "-> x), the least damaging per MAC first, every channel kept (a latency target is timed after "
                     "each removal past the MAC estimate); with few calibration images this keeps more accuracy than "
                     "narrowing channels on EfficientNet-Lite0 (docs/budget.md).")
+COMPRESSED_INPUT_HELP = ("Give the compressed engine a smaller square input, e.g. 200 for a 224 px model: the same part of "
+                         "each image (crop fraction kept), fewer MACs. Baseline timed and scored at its own input; "
+                         "--target-macs/--target-latency stay fractions of it. Needs images resized on loading "
+                         "(an image folder, not .npz) (docs/budget.md).")
 RATIO_HELP = ("Fraction of channels removed per group, in (0, 1). Given here it replaces a config file's "
               "target_macs/target_latency; with --target-macs/--target-latency it is refused (exit 2).")
 REPAIR_HELP = ("none (default); or steps joined by '+', in this order: fold-ar (data-free variance correction of "
@@ -147,6 +151,7 @@ def build(
     target_macs: Optional[float] = typer.Option(None, help=TARGET_HELP["macs"]),
     target_latency: Optional[float] = typer.Option(None, help=TARGET_HELP["latency"]),
     drop_blocks: bool = typer.Option(False, help=DROP_BLOCKS_HELP),
+    compressed_input_size: Optional[int] = typer.Option(None, help=COMPRESSED_INPUT_HELP),
     checkpoint_map: Optional[str] = typer.Option(None, help=CHECKPOINT_MAP_HELP),
     preprocess: Optional[str] = typer.Option(None, help="Preprocessing preset, e.g. inception-bicubic-224 "
                                                         "(default: the model family's)."),
@@ -190,7 +195,7 @@ def build(
                           finetune_batch=finetune_batch, finetune_images=finetune_images,
                           round_to=round_to_from_text(round_to),
                           target_macs=target_macs, target_latency=target_latency, drop_blocks=drop_blocks or None,
-                          checkpoint_map=checkpoint_map, preprocess=preprocess, data=data, limit=limit, out=out, seed=seed, device=device,
+                          compressed_input_size=compressed_input_size, checkpoint_map=checkpoint_map, preprocess=preprocess, data=data, limit=limit, out=out, seed=seed, device=device,
                           threads=threads,
                           exporter=exporter, shrinker=shrinker, precision=precision, target=target,
                           batches=None if batch is None else [1, batch], max_accuracy_drop=max_accuracy_drop,

@@ -74,6 +74,10 @@ class UnreachableTarget(BadInput):
         self.goal, self.reached = goal, reached
         super().__init__(f"target of {goal:.3f}x MACs cannot be met: {self.floor_text()}; raise the target")
 
+    def scaled(self, factor: float) -> "UnreachableTarget":
+        """The same miss in fractions of another reference (a baseline at a larger input: pipeline/inputs.py)."""
+        return UnreachableTarget(self.goal * factor, self.reached * factor)
+
     def floor_text(self) -> str:
         return (f"with every group at its narrowest measured width (about {PROBE_KEEPS[-1]:.0%} of its channels) "
                 f"the model keeps {self.reached:.3f}x MACs")
@@ -160,6 +164,9 @@ class BudgetPlan:
     removed_blocks: list[BlockRemoval] = field(default_factory=list)  # depth plans (``plan_block_removal``), in order
     # groups the survey found but could not plan (no wider than ``align``, or left whole by the engine)
     kept_whole: list[str] = field(default_factory=list)
+    # the uncompressed model's MACs at the compressed input over those at the baseline's (pipeline/inputs.py);
+    # ``goal`` and every fraction of the summary count it (they are the baseline's), ``mac_fraction`` does not
+    input_mac_fraction: float = 1.0
 
     def group_ratios(self) -> dict[str, float]:
         """Every group's ratio: the planned widths exactly, with ``round_to`` = ``align`` or any divisor of it, and
@@ -179,13 +186,16 @@ class BudgetPlan:
     def summary(self) -> dict:
         alone = {g.name: g for g in self.first_pass or self.groups}
         curve = lambda points: [[w, round(d, 6)] for w, d in points]
-        return {"target": self.target, "goal": self.goal, "align": self.align, "mac_fraction": round(self.mac_fraction, 4),
+        return {"target": self.target, "goal": self.goal, "align": self.align,
+                "mac_fraction": round(self.mac_fraction * self.input_mac_fraction, 4),
+                "input_mac_fraction": round(self.input_mac_fraction, 4),
                 "latency_fraction": None if self.latency_fraction is None else round(self.latency_fraction, 4),
                 "rounds": self.rounds, "probe": self.probe, "survey_repair": self.repair, "damage_metric": "mean KL(base || compressed), softmax",
                 "first_pass_mac_fraction": None if self.first_pass_fraction is None else round(self.first_pass_fraction, 4),
                 "first_pass_damage": round(self.first_pass_damage, 6),
                 "predicted_damage": round(self.predicted_damage, 6),
-                "removed_blocks": [{"block": b.name, "mac_share": round(b.mac_share, 4), "damage": round(b.damage, 6)}
+                "removed_blocks": [{"block": b.name, "mac_share": round(b.mac_share * self.input_mac_fraction, 4),
+                                    "damage": round(b.damage, 6)}
                                    for b in self.removed_blocks],
                 "kept_whole": self.kept_whole,
                 "widths": [{"group": g.name, "kind": g.kind, "width": g.size, "kept": g.width,

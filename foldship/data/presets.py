@@ -46,3 +46,15 @@ def check_preprocessing(p: Preprocessing) -> None:
             raise BadInput(f"{key} must be a positive number of pixels, got {value!r}")
     if len(p.mean) != len(p.std) or any(s <= 0 for s in p.std):
         raise BadInput(f"mean {p.mean} and std {p.std} need one value per channel, and std > 0")
+
+
+def scaled_to(p: Preprocessing, from_side: int, side: int) -> Preprocessing:
+    """``p`` for a square input of ``side`` pixels instead of ``from_side``, seeing the same part of each
+    image: the crop becomes ``side`` and the resize shrinks by the same factor (crop fraction kept).
+    BadInput for a pipeline without a resize step (images used at their stored size cannot change it)."""
+    if not p.resize:
+        raise BadInput(f"a {side} px input needs images resized on loading, and this preprocessing has no resize "
+                       f"step; use an image folder (.npz arrays are used as stored) and set the config keys resize "
+                       f"and crop (e.g. resize: {from_side}, crop: {from_side})")
+    crop = p.crop or from_side
+    return dataclasses.replace(p, resize=max(side, round(p.resize * side / crop)), crop=side)

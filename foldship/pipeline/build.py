@@ -25,6 +25,7 @@ from ..validators.stage import validate
 from .budget import plan_budget, validated_latency
 from .config import BuildConfig
 from .environment import fingerprint, keep_freed_memory
+from .inputs import compressed_side
 from .report import write_report
 from .run_folder import RunFolder
 from .sources import check_conversion, check_repair, export_baseline, given_model
@@ -74,40 +75,47 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
     with progress.stage("load model"):
         loaded = load_from_config(config) if given is None else given_model(given, config)
         check_repair(config.repair, loaded.model, loaded.name)
+        shrunk = compressed_side(loaded, config.compressed_input_size)  # loaded itself at the baseline's input
     with progress.stage("load data") as advance:
         data = load_images(config.data, loaded.preprocessing, config.limit, loaded.num_classes,
                            input_shape=loaded.input_shape, progress=advance)
+        # The same pictures as the compressed model sees them; calibration and recovery read images at its input.
+        compressed_data = data if shrunk is loaded else load_images(
+            config.data, shrunk.preprocessing, config.limit, loaded.num_classes, input_shape=shrunk.input_shape,
+            progress=advance)
         chosen = None  # calibration images, near-copies of the evaluation images left out
         if config.calibration_data:
-            chosen = calibration_images(config.calibration_data, loaded.preprocessing, data,
+            chosen = calibration_images(config.calibration_data, shrunk.preprocessing, compressed_data,
                                         config.calibration_count, config.seed)
         calibration = None if chosen is None else chosen.x
         training = None
         if config.finetune != "none":  # distillation's own draw: all calibration images unless finetune_images
-            training = calibration_images(config.calibration_data, loaded.preprocessing, data,
+            training = calibration_images(config.calibration_data, shrunk.preprocessing, compressed_data,
                                           config.finetune_images, config.seed)
             check_images(training.x, config.distill_settings())
             check_trainable(loaded.model)
     if loaded.baseline_onnx:  # a converted ONNX model must compute what the file computes, before compression
         with progress.stage("check conversion (ONNX Runtime vs PyTorch)"):
             check_conversion(loaded, data.x)
-    example = loaded.example_inputs(2)
+    example, compressed_example = loaded.example_inputs(2), shrunk.example_inputs(2)
     widths = config.width_rule()
     round_to = widths.round_to
     compression_name = "remove blocks" if config.drop_blocks else config.method
     with progress.stage(f"compress ({compression_name})", total=None) as advance:
-        budget = plan_budget(loaded.model, example, config.method, config.target_macs, config.target_latency,
-                             round_to, config.groups, config.protected, config.threads, calibration, config.seed,
-                             config.repair, config.drop_blocks)
-        result = compress_model(loaded.model, example, config.method, config.ratio, config.seed, config.groups,
-                                budget.group_ratios() if budget else config.group_ratios, config.protected,
+        budget = plan_budget(loaded.model, compressed_example, config.method, config.target_macs,
+                             config.target_latency, round_to, config.groups, config.protected, config.threads,
+                             calibration, config.seed, config.repair, config.drop_blocks,
+                             baseline_example=None if shrunk is loaded else example)
+        result = compress_model(loaded.model, compressed_example, config.method, config.ratio, config.seed,
+                                config.groups, budget.group_ratios() if budget else config.group_ratios, config.protected,
                                 round_to, repair=config.repair,
                                 calibration=calibration, device=config.device, progress=advance,
                                 removed_blocks=budget.block_names() if budget else ())
-    recovery = _recover(config, loaded, result.model, training, data, progress) if training is not None else None
+    recovery = None if training is None else _recover(config, loaded, result.model, training, data, compressed_data,
+                                                      progress)
     compressed = result.model.cpu().eval()
     try:  # the compressed model as data (width spec + safetensors), rebuilt by foldship.load_compressed
-        spec = save_compressed(compressed, loaded, folder.path(SPEC_NAME), {
+        spec = save_compressed(compressed, shrunk, folder.path(SPEC_NAME), {
             "method": config.method, "ratio": config.ratio, "seed": config.seed, "groups_policy": config.groups,
             "repair": config.repair, "round_to": round_to, "finetune": config.finetune}, result.removed_blocks)
         saved_model = {"spec": spec.name, "weights": spec.with_suffix(".safetensors").name}
@@ -118,21 +126,26 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
         exported = []
         exported.append(export_baseline(loaded, example, folder.staging, export_options, data.x))
         advance()
-        exported.append(export_model(compressed, example, folder.staging, "compressed", export_options, data.x))
+        exported.append(export_model(compressed, compressed_example, folder.staging, "compressed", export_options,
+                                     compressed_data.x))
         advance()
     base_onnx, comp_onnx = exported[0].onnx, exported[1].onnx
     artifacts = [torch_artifact("baseline.pytorch", loaded.model), torch_artifact("compressed.pytorch", compressed),
                  *run_folder_artifacts(folder.staging)]
-    macs = {"baseline": count_macs(loaded.model, example), "compressed": count_macs(compressed, example)}
+    macs = {"baseline": count_macs(loaded.model, example), "compressed": count_macs(compressed, compressed_example)}
     fp16 = [e.fp16 for e in exported if e.fp16]
-    validation = validate(artifacts, data.x, data.y, loaded.num_classes, loaded.input_shape,
+    inputs = {"baseline": loaded, "compressed": shrunk}  # each side's input shape and preprocessing
+    validation = validate(artifacts, {"baseline": data.x, "compressed": compressed_data.x}, data.y,
+                          loaded.num_classes, {side: m.input_shape for side, m in inputs.items()},
                           config.validation_settings(), config.gate_limits() | {
                               "min_fp16_agreement": config.min_fp16_agreement if fp16 else None},
                           macs, progress, {"fp16_agreement": min(f.top1_agreement for f in fp16) if fp16 else None})
     sides = {}
     for key, model, onnx_file in (("baseline", loaded.model, base_onnx), ("compressed", compressed, comp_onnx)):
         sides[key] = {"params": count_params(model), "macs": macs[key], **validation.report[key],
-                      "onnx": asdict(onnx_file) | {"path": f"{key}.onnx"}}
+                      "onnx": asdict(onnx_file) | {"path": f"{key}.onnx"},
+                      "input": {"shape": list(inputs[key].input_shape),
+                                "preprocessing": asdict(inputs[key].preprocessing)}}
     if recovery is not None:
         comp = validation.report["compressed"]
         recovery["after"] = {"backend": "onnxruntime-cpu", "artifact": "compressed.onnx", "accuracy": comp["accuracy"],
@@ -174,12 +187,14 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
 
 
 def _recover(config: BuildConfig, loaded: LoadedModel, compressed, images: CalibrationImages, data,
-             progress: StageProgress) -> dict:
+             compressed_data, progress: StageProgress) -> dict:
     """Distil the uncompressed model into ``compressed`` (in place) on unlabelled ``images``; returns the report's
     ``recovery`` section, with top-1 and agreement before recovery measured in PyTorch on the CPU (the model
-    before recovery is never exported). The evaluation labels score that model here; ``distill`` never sees them."""
+    before recovery is never exported). The evaluation labels score that model here; ``distill`` never sees them.
+    The teacher sees ``images`` as the student does (at the compressed input); the baseline's predictions
+    that agreement compares with are its own, on ``data`` at its input."""
     compressed.cpu()
-    base, before = evaluate_torch(loaded.model, data.x), evaluate_torch(compressed, data.x)
+    base, before = evaluate_torch(loaded.model, data.x), evaluate_torch(compressed, compressed_data.x)
     scores = classification_scores(before, data.y, loaded.num_classes)
     settings = config.distill_settings()
     epochs = settings.planned_epochs

@@ -22,6 +22,7 @@ from ..validators.artifacts import OrtSettings
 from ..validators.gates import GATES, check_limits
 from ..validators.latency import LatencyProtocol
 from ..validators.stage import ValidationSettings
+from .inputs import check_input_size
 
 # The project's real checkpoints and images live beside the checkout (never copied into it).
 SHARED_DATA = Path(os.environ.get("FOLDSHIP_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
@@ -63,6 +64,8 @@ class BuildConfig:
     device: str = "auto"  # compression on the GPU when PyTorch sees one
     num_classes: int | None = None
     input_size: int | None = None
+    # The compressed engine's own square input (pipeline/inputs.py): smaller than the model's, same crop fraction.
+    compressed_input_size: int | None = None
     mean: list[float] | None = None  # overrides the model family's normalisation
     std: list[float] | None = None
     preprocess: str | None = None  # a preset of foldship.data.presets; default: the model family's pipeline
@@ -122,6 +125,7 @@ class BuildConfig:
         check_round_to(self.round_to)
         check_targets(self.target_macs, self.target_latency, self.group_ratios)
         check_drop_blocks(self.drop_blocks, self.target_macs, self.target_latency)
+        check_input_size(self.compressed_input_size)
         resolve_preprocessing(Preprocessing(), self.preprocess, **self.preprocessing_overrides())
         self.validation_settings()
         check_limits(self.gate_limits())

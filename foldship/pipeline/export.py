@@ -19,6 +19,7 @@ from ..validators import evaluate_gates
 from .build import BuildOutcome, load_from_config
 from .config import BuildConfig
 from .environment import fingerprint
+from .report import side_inputs
 from .run_folder import RunFolder
 
 RUN_FOLDER_MODELS = ("baseline", "compressed")
@@ -44,7 +45,7 @@ def _run_folder_sources(run: Path) -> dict:
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     except json.JSONDecodeError as exc:
         raise BadInput(f"{report_path} is not valid JSON ({exc.msg}); rebuild the run folder") from None
-    return {"run": str(run), "onnx": onnx_files, "model": report.get("model", {}),
+    return {"run": str(run), "onnx": onnx_files, "model": report.get("model", {}), "inputs": side_inputs(report),
             "exporter": (report.get("export") or {}).get("exporter", "unknown")}
 
 
@@ -60,12 +61,16 @@ def _export_stages(config: BuildConfig, sources: dict | None, folder: RunFolder,
             advance()
         source = {"model": loaded.name, "checkpoint": loaded.checkpoint, "checkpoint_sha256": loaded.checkpoint_sha256}
     else:
-        model = sources["model"]
-        preprocessing = Preprocessing(**model["preprocessing"]) if "preprocessing" in model else Preprocessing()
-        data = load_images(config.data, preprocessing, config.limit, model.get("num_classes"))
-        exported = []
+        exported, images = [], {}  # images per preprocessing: a compressed engine may take a smaller input
         with progress.stage("export (shrink)", total=len(sources["onnx"])) as advance:
             for path in sources["onnx"]:
+                shape, recorded = sources["inputs"][path.stem]
+                preprocessing = Preprocessing(**recorded) if recorded else Preprocessing()
+                key = repr(preprocessing)
+                if key not in images:  # images of another size than the file takes: one line, exit 2
+                    images[key] = load_images(config.data, preprocessing, config.limit,
+                                              sources["model"].get("num_classes"), input_shape=shape)
+                data = images[key]
                 artifact = describe_onnx(path, sources["exporter"])
                 exported.append(ship_onnx(artifact, folder.staging, path.stem, options, data.x))
                 advance()

@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import BadInput
 from ..files import atomic_path, atomic_write
 from ..validators.speed import Speedup, change_text, recorded_speedup
+from ..validators.stage import SIDES
 
 PLOT_DPI = 80
 
@@ -53,6 +54,9 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     rows.append(("top-1 agreement with baseline", "", _fmt_pct(report["agreement"]["top1_agreement"]), ""))
     if "params" in base:
         rows.append(("params", _fmt_int(base["params"]), _fmt_int(comp["params"]), _ratio(comp["params"], base["params"])))
+    inputs = side_inputs(report)
+    if inputs["baseline"][0] != inputs["compressed"][0]:  # a compressed engine with its own, smaller input
+        rows.append(("input (C x H x W)", *("x".join(map(str, inputs[side][0])) for side in SIDES), ""))
     if report.get("mac_ratio") is not None:
         rows.append(("MACs / sample", _fmt_int(base.get("macs")), _fmt_int(comp.get("macs")), f"{report['mac_ratio']:.3f}x"))
     rows.append(("ONNX size", _fmt_size(base["size_bytes"]), _fmt_size(comp["size_bytes"]),
@@ -159,6 +163,7 @@ def render_markdown(report: dict) -> str:
         lines += [f"Not validated: {skipped['name']} ({skipped['reason']}).", ""]
     protocol, env = report["latency_protocol"], report["environment"]
     lines += ["## Protocol and environment", "", *_model_lines(report),
+              *_input_lines(report),
               f"- Data: {report['data']['path']} ({report['data']['images']} images)." + calibration_note(report),
               f"- Latency: {protocol['warmup']} warm-up runs, then at least {protocol['min_runs']} runs and "
               f"{protocol['min_seconds']} s per measurement; {protocol['order']}; {protocol['threads']} threads; "
@@ -224,6 +229,32 @@ def _model_lines(report: dict) -> list[str]:
     return [f"- Model: {origin}" + (f"; {weights}" if weights else "") + "."]
 
 
+def side_inputs(report: dict) -> dict[str, tuple[tuple[int, ...] | None, dict | None]]:
+    """Each side's input shape and preprocessing (a ``Preprocessing`` as a dict; None: not recorded), as a
+    run's report records them: the sides' own ``input`` entries, else the model's for both (reports of
+    validated file pairs)."""
+    model = report.get("model", {})
+    shared = (model.get("input_shape"), model.get("preprocessing"))
+    inputs = {}
+    for side in SIDES:
+        own = (report.get(side) or {}).get("input")
+        shape, preprocessing = (own["shape"], own["preprocessing"]) if own else shared
+        inputs[side] = (None if shape is None else tuple(shape), preprocessing)
+    return inputs
+
+
+def _input_lines(report: dict) -> list[str]:
+    """The compressed engine's own input, where it is not the baseline's (pipeline/inputs.py)."""
+    inputs = side_inputs(report)
+    if inputs["baseline"] == inputs["compressed"]:
+        return []
+    described = {side: f"{'x'.join(map(str, shape))} (resize {p['resize']}, crop {p['crop']}, {p['interpolation']})"
+                 for side, (shape, p) in inputs.items()}
+    return [f"- Input: the compressed engine takes {described['compressed']}, the baseline "
+            f"{described['baseline']}: the same pictures, the same part of each; MAC and latency changes compare "
+            f"each model at its own input."]
+
+
 def onnxruntime_version(env: dict) -> str | None:
     """The ONNX Runtime an environment fingerprint records (onnxruntime, or onnxruntime-gpu in its place)."""
     packages = env["packages"]
@@ -283,6 +314,8 @@ def budget_lines(budget: dict | None) -> list[str]:
         return []
     goal = f"{budget['goal']:.2f}x {'MACs' if budget['target'] == 'macs' else 'latency'}"
     reached = f"{budget['mac_fraction']:.3f}x MACs" + (
+        f" (the smaller input alone {budget['input_mac_fraction']:.3f}x)"
+        if budget.get("input_mac_fraction", 1.0) < 1.0 else "") + (
         f", {budget['latency_fraction']:.3f}x latency" if budget.get("latency_fraction") is not None else "")
     removed = budget.get("removed_blocks") or []
     sentence = validated_sentence(budget, "**")

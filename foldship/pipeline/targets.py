@@ -25,13 +25,13 @@ from ..validators.artifacts import ORT_BACKENDS, Artifact, OrtSettings, onnx_bac
 from ..validators.gates import GATES, check_limits, evaluate_gates
 from ..validators.latency import LatencyProtocol
 from ..validators.speed import measured_speedups, recorded_speedup, speedup_entries
-from ..validators.stage import INTERLEAVED_ORDER, SPEEDUP_RULE, ValidationSettings, select_backends, time_blocks
+from ..validators.stage import (INTERLEAVED_ORDER, SIDES, SPEEDUP_RULE, ValidationSettings, select_backends,
+                                time_blocks)
 from .environment import fingerprint
-from .report import load_run, render_markdown, run_title
+from .report import load_run, render_markdown, run_title, side_inputs
 from .run_folder import RunFolder
 
 BENCH_FORMAT = "foldship-bench/2"  # 2: interleaved blocks on every backend, speedup intervals
-SIDES = ("baseline", "compressed")
 LATENCY_GATES = ("min_speedup", "max_p99_ms")  # the gates a target's timings can judge
 # Files of a run folder that a merged report refers to (report.md shows latency.png).
 CARRIED_FILES = ("latency.png", "latency_samples.json")
@@ -73,9 +73,9 @@ def bench_run(run: str | Path, name: str | None = None, batches: list[int] | Non
         raise BadInput(f"a run folder's ONNX files run on ONNX Runtime backends ({', '.join(ORT_BACKENDS)}), "
                        f"not {', '.join(other)}")
     chosen = select_backends(settings.backends, onnx_backends())
-    shape = tuple(input_shape or report.get("model", {}).get("input_shape") or _static_input_shape(files["baseline"]))
+    shapes = _input_shapes(report, files, input_shape)
     artifacts = [Artifact(side, "onnx", side, str(path)) for side, path in files.items()]
-    timed = time_blocks([(a, backend) for backend in chosen for a in artifacts], shape, settings, progress)
+    timed = time_blocks([(a, backend) for backend in chosen for a in artifacts], shapes, settings, progress)
     latency = {backend: {side: {k: s.as_dict() for k, s in timed[side][backend].items()} for side in SIDES}
                for backend in chosen}
     machine = fingerprint()
@@ -86,7 +86,8 @@ def bench_run(run: str | Path, name: str | None = None, batches: list[int] | Non
                 "files": {side: {"file": path.name, "sha256": sha256_of(path), "size_bytes": path.stat().st_size}
                           for side, path in files.items()}},
         "machine": machine | {"hostname": platform.node(), "onnxruntime_providers": _providers()},
-        "input_shape": list(shape),
+        "input_shape": list(shapes["baseline"]),
+        "compressed_input_shape": list(shapes["compressed"]),  # smaller where the build shrank the input
         "batches": list(settings.batches),
         "latency": latency,
         **speedup_entries(measured_speedups({b: sides["baseline"] for b, sides in latency.items()},
@@ -96,6 +97,16 @@ def bench_run(run: str | Path, name: str | None = None, batches: list[int] | Non
             "providers": {b: ORT_BACKENDS[b][1] for b in chosen}, "order": INTERLEAVED_ORDER,
             "speedup": SPEEDUP_RULE},
     }
+
+
+def _input_shapes(report: dict, files: dict[str, Path],
+                  given: tuple[int, ...] | None) -> dict[str, tuple[int, ...]]:
+    """Each side's input: ``given`` for both, else as the run recorded it, else the ONNX file's static shape."""
+    recorded = {side: shape for side, (shape, _) in side_inputs(report).items()}
+    if given is not None and recorded["baseline"] != recorded["compressed"]:
+        raise BadInput(f"this run's engines take different inputs ({recorded['baseline']} and "
+                       f"{recorded['compressed']}, recorded in its report); leave --input-shape out")
+    return {side: tuple(given or recorded[side] or _static_input_shape(files[side])) for side in SIDES}
 
 
 def _static_input_shape(path: Path) -> tuple[int, ...]:
@@ -140,6 +151,7 @@ def merge_latency(run: str | Path, bench_files: list[str | Path], out: str | Pat
     for path, bench in zip(bench_files, benches):
         targets[bench["target"]] = {
             "source": Path(path).name, "machine": bench["machine"], "input_shape": bench["input_shape"],
+            "compressed_input_shape": bench.get("compressed_input_shape", bench["input_shape"]),
             "latency": bench["latency"], "speedup": bench["speedup"], "speedup_interval": bench["speedup_interval"],
             "latency_protocol": bench["latency_protocol"],
             "gates": _target_gates(bench, chosen),

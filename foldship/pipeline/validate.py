@@ -19,18 +19,20 @@ from ..models.spec import Preprocessing
 from ..progress import StageProgress
 from ..validators import engine_artifact, onnx_artifact, onnx_macs, run_folder_artifacts
 from ..validators.artifacts import ENGINE_SUFFIXES, Artifact, available_backends
-from ..validators.stage import select_backends, time_blocks, validate
+from ..validators.stage import SIDES, select_backends, time_blocks, validate
 from .build import BuildOutcome
 from .config import BuildConfig
 from .environment import fingerprint
-from .report import load_run, write_report, write_sweep
+from .report import load_run, side_inputs, write_report, write_sweep
 from .run_folder import RunFolder
 
 
 @dataclass
 class Sources:
     artifacts: list[Artifact]
-    preprocessing: Preprocessing
+    # each side's input shape (None: the images') and preprocessing; a build may give its compressed engine a
+    # smaller input than its baseline (pipeline/inputs.py)
+    inputs: dict[str, tuple[tuple[int, ...] | None, Preprocessing]]
     data: str
     num_classes: int | None
     model: dict  # what is known about the model (name, input_shape, ...) from a run's report
@@ -53,15 +55,17 @@ def resolve(paths: list[str | Path], config: BuildConfig, data: str | None) -> S
     if len(paths) == 1 and paths[0].is_dir():
         run = load_run(paths[0])
         model = run.get("model", {})
-        preprocessing = Preprocessing(**model["preprocessing"]) if "preprocessing" in model else Preprocessing()
-        return Sources(run_folder_artifacts(paths[0]), preprocessing, data or run.get("data", {}).get("path") or config.data,
+        inputs = {side: (shape, Preprocessing(**p) if p else Preprocessing())
+                  for side, (shape, p) in side_inputs(run).items()}
+        return Sources(run_folder_artifacts(paths[0]), inputs, data or run.get("data", {}).get("path") or config.data,
                        model.get("num_classes"), model)
     if len(paths) != 2 or any(p.is_dir() for p in paths):
         raise BadInput("give one run folder, two model files (baseline, then compressed), or several run folders")
     artifacts = [_file_artifact(name, path) for name, path in zip(("baseline", "compressed"), paths)]
     base = Preprocessing()
     preprocessing = dataclasses.replace(base, mean=tuple(config.mean or base.mean), std=tuple(config.std or base.std))
-    return Sources(artifacts, preprocessing, data or config.data, config.num_classes, {})
+    return Sources(artifacts, {side: (None, preprocessing) for side in SIDES}, data or config.data,
+                   config.num_classes, {})
 
 
 def _file_artifact(name: str, path: Path) -> Artifact:
@@ -82,25 +86,32 @@ def validate_artifacts(paths: list[str | Path], config: BuildConfig, data: str |
     sources = resolve(paths, config, data)
     with RunFolder(config.out, config.overwrite) as folder:  # commits whole, or discards on any error or signal
         with progress.stage("load data"):
-            images = load_images(sources.data, sources.preprocessing, config.limit, sources.num_classes)
+            loaded = {}  # one load per preprocessing: both sides share it unless the build shrank the input
+            for side, (_, preprocessing) in sources.inputs.items():
+                match = next((loaded[s] for s in loaded if sources.inputs[s][1] == preprocessing), None)
+                loaded[side] = match or load_images(sources.data, preprocessing, config.limit, sources.num_classes)
+        images = loaded["baseline"]
         onnx_files = {a.name: a for a in sources.artifacts if a.format == "onnx"}
-        input_shape = tuple(sources.model.get("input_shape") or tuple(images.x.shape[1:]))
+        input_shape = {side: tuple(shape or loaded[side].x.shape[1:]) for side, (shape, _) in sources.inputs.items()}
         num_classes = sources.num_classes or int(images.y.max()) + 1
-        macs = {side: onnx_macs(onnx_files[side].path) for side in ("baseline", "compressed") if side in onnx_files}
-        validation = validate(sources.artifacts, images.x, images.y, num_classes, input_shape,
-                              config.validation_settings(), config.gate_limits(), macs, progress)
+        macs = {side: onnx_macs(onnx_files[side].path) for side in SIDES if side in onnx_files}
+        validation = validate(sources.artifacts, {side: loaded[side].x for side in SIDES}, images.y, num_classes,
+                              input_shape, config.validation_settings(), config.gate_limits(), macs, progress)
         report = {
             "foldship_version": metadata.version("foldship"),
             "title": f"validate {' vs '.join(Path(p).name for p in paths)}",
             "sources": [str(p) for p in paths],
-            "model": sources.model or {"input_shape": list(input_shape), "num_classes": num_classes,
-                                       "preprocessing": dataclasses.asdict(sources.preprocessing)},
+            "model": sources.model or {"input_shape": list(input_shape["baseline"]), "num_classes": num_classes,
+                                       "preprocessing": dataclasses.asdict(sources.inputs["baseline"][1])},
             "data": {"path": images.source, "images": len(images)},
             **validation.report,
             "environment": fingerprint(),
         }
-        for side in macs:
-            report[side]["macs"] = macs[side]
+        for side in SIDES:
+            report[side]["input"] = {"shape": list(input_shape[side]),
+                                     "preprocessing": dataclasses.asdict(sources.inputs[side][1])}
+            if side in macs:
+                report[side]["macs"] = macs[side]
         write_report(folder.staging, report, validation.samples)
     return BuildOutcome(report, str(folder.final))
 

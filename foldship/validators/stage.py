@@ -8,8 +8,9 @@ same outputs), then latency, the artifacts of each backend taking turns block by
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import BadInput
 from .accuracy import Predictions, classification_scores
@@ -33,6 +34,16 @@ INTERLEAVED_ORDER = ("per backend and batch, the models take turns block by bloc
 SPEEDUP_RULE = ("median over rounds of baseline block p50 / compressed block p50; interval: smallest and largest "
                 "per-round ratio (3+ rounds); an interval holding 1.0 is no measurable difference; min_speedup "
                 "judges the interval's lower end")
+
+
+T = TypeVar("T")
+# One value for both sides, or one per side: a compressed engine may take a smaller input than its baseline
+# (pipeline/inputs.py), fed the same pictures at its own size.
+PerSide = T | Mapping[str, T]
+
+
+def for_side(value: PerSide, side: str):
+    return value[side] if isinstance(value, Mapping) else value
 
 
 @dataclass
@@ -86,14 +97,16 @@ def select_backends(wanted: list[str] | None, available: list[str] | None = None
     return list(wanted)
 
 
-def validate(artifacts: list[Artifact], images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-             input_shape: tuple[int, ...], settings: ValidationSettings, limits: dict[str, float | None],
+def validate(artifacts: list[Artifact], images: PerSide[torch.Tensor], labels: torch.Tensor, num_classes: int,
+             input_shape: PerSide[tuple[int, ...]], settings: ValidationSettings, limits: dict[str, float | None],
              macs: dict[str, int] | None = None, progress=None,
              extra_measured: dict[str, float | None] | None = None) -> Validation:
     """Accuracy, parity, agreement, latency and gates for a baseline/compressed set of artifacts.
 
     ``artifacts`` must hold an ONNX artifact named "baseline" and one named "compressed" (the
-    files that ship); PyTorch modules, FP16 variants and TensorRT engines are optional.
+    files that ship); PyTorch modules, FP16 variants and TensorRT engines are optional. ``images``
+    and ``input_shape`` are both sides', or each side's ({"baseline": ..., "compressed": ...}): the
+    same labelled pictures, preprocessed for each side's input.
     ``macs`` ({"baseline": n, "compressed": m}) relates the speedup to the MAC reduction (``speed``);
     ``extra_measured`` adds values measured by earlier stages for gates in ``limits``.
     """
@@ -113,8 +126,9 @@ def validate(artifacts: list[Artifact], images: torch.Tensor, labels: torch.Tens
     outputs: dict[tuple[str, str], RunOutputs] = {}
     with progress.stage("evaluate", total=len(runs)) as advance:
         for artifact, backend in runs:
-            runner = artifact.runner(backend, input_shape, settings.protocol.threads, settings.ort)
-            outputs[artifact.name, backend] = run_outputs(runner, images)
+            runner = artifact.runner(backend, for_side(input_shape, artifact.side), settings.protocol.threads,
+                                     settings.ort)
+            outputs[artifact.name, backend] = run_outputs(runner, for_side(images, artifact.side))
             advance()
     entries = {a.name: _artifact_entry(a, backends, outputs, labels, num_classes) for a in artifacts}
     for artifact in artifacts:
@@ -211,10 +225,10 @@ def _timed_backends(artifact: Artifact, backends: list[str]) -> list[str]:
     return own
 
 
-def time_blocks(plan: list[tuple[Artifact, str]], input_shape: tuple[int, ...], settings: ValidationSettings,
-                progress=None) -> dict[str, dict[str, dict[str, LatencyStats]]]:
-    """Time each (artifact, backend) of ``plan`` at every batch size: per backend and batch, the
-    artifacts on that backend take turns block by block (``latency.interleave``)."""
+def time_blocks(plan: list[tuple[Artifact, str]], input_shape: PerSide[tuple[int, ...]],
+                settings: ValidationSettings, progress=None) -> dict[str, dict[str, dict[str, LatencyStats]]]:
+    """Time each (artifact, backend) of ``plan`` at every batch size, each fed its side's ``input_shape``:
+    per backend and batch, the artifacts on that backend take turns block by block (``latency.interleave``)."""
     progress = progress or StageProgress(quiet=True)
     by_backend: dict[str, list[Artifact]] = {}
     for artifact, backend in plan:
@@ -224,7 +238,8 @@ def time_blocks(plan: list[tuple[Artifact, str]], input_shape: tuple[int, ...], 
     with progress.stage("time (interleaved blocks)", total=total) as advance:
         for backend, artifacts in by_backend.items():
             for batch in settings.batches:
-                timed = time_artifacts(artifacts, backend, input_shape, batch, settings.protocol, settings.ort, advance)
+                shapes = {a.name: for_side(input_shape, a.side) for a in artifacts}
+                timed = time_artifacts(artifacts, backend, shapes, batch, settings.protocol, settings.ort, advance)
                 for name, stats in timed.items():
                     latency.setdefault(name, {}).setdefault(backend, {})[f"batch{batch}"] = stats
     return latency
