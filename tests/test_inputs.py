@@ -95,6 +95,10 @@ def test_a_run_folder_is_revalidated_benched_and_exported_at_each_sides_input(ru
     for side in ("baseline", "compressed"):
         assert again[side]["correct"] == report[side]["correct"]
         assert again[side]["input"] == report[side]["input"]
+    with pytest.raises(BadInput, match=r"compressed.onnx takes inputs of shape \(3, 24, 24\) but its images are "
+                                       r"\(3, 32, 32\); validate the run folder"):  # the pair alone cannot know
+        validate_artifacts([out / "baseline.onnx", out / "compressed.onnx"],
+                           load_config(None, data=str(cifar_pngs[0]), out=str(tmp_path / "pair"), **SETTINGS))
     bench = bench_run(out, batches=[1], threads=1, min_seconds=0, trials=1)
     assert bench["input_shape"] == [3, 32, 32] and bench["compressed_input_shape"] == [3, 24, 24]
     with pytest.raises(BadInput, match="take different inputs"):

@@ -93,6 +93,7 @@ def validate_artifacts(paths: list[str | Path], config: BuildConfig, data: str |
         images = loaded["baseline"]
         onnx_files = {a.name: a for a in sources.artifacts if a.format == "onnx"}
         input_shape = {side: tuple(shape or loaded[side].x.shape[1:]) for side, (shape, _) in sources.inputs.items()}
+        _check_input_shapes(onnx_files, input_shape)
         num_classes = sources.num_classes or int(images.y.max()) + 1
         macs = {side: onnx_macs(onnx_files[side].path) for side in SIDES if side in onnx_files}
         validation = validate(sources.artifacts, {side: loaded[side].x for side in SIDES}, images.y, num_classes,
@@ -141,11 +142,28 @@ def bench(path: str | Path, config: BuildConfig, input_shape: tuple[int, ...] | 
 def _static_input_shape(artifact: Artifact) -> tuple[int, ...]:
     if artifact.format != "onnx":
         raise BadInput("give --input-shape (e.g. 3,224,224) to time a TensorRT engine")
-    import onnx
-
-    dims = onnx.load(artifact.path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    shape = tuple(d.dim_value for d in dims[1:])
-    if not shape or any(d <= 0 for d in shape):
+    shape = _onnx_input_shape(artifact.path)
+    if shape is None:
         raise BadInput(f"{artifact.path} has a dynamic input shape beyond the batch axis; give --input-shape "
                        f"(e.g. 3,224,224)")
     return shape
+
+
+def _onnx_input_shape(path: str) -> tuple[int, ...] | None:
+    """An ONNX file's input shape without the batch axis; None where it is dynamic."""
+    import onnx
+
+    dims = onnx.load(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    shape = tuple(d.dim_value for d in dims[1:])
+    return shape if shape and all(d > 0 for d in shape) else None
+
+
+def _check_input_shapes(onnx_files: dict[str, Artifact], input_shape: dict[str, tuple[int, ...]]) -> None:
+    """Each side's ONNX file must take the images prepared for it (a build may give the compressed engine a
+    smaller input than its baseline; only its run folder records how to prepare each side's)."""
+    for side, artifact in onnx_files.items():
+        takes = _onnx_input_shape(artifact.path)
+        if side in input_shape and takes is not None and takes != input_shape[side]:
+            raise BadInput(f"{Path(artifact.path).name} takes inputs of shape {takes} but its images are "
+                           f"{input_shape[side]}; validate the run folder that holds it (its report says how each "
+                           f"side's images are prepared), or give images of that size")
