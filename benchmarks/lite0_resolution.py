@@ -39,7 +39,7 @@ from foldship.pipeline.config import SHARED_DATA, load_config
 from foldship.pipeline.environment import fingerprint
 from foldship.validators import count_macs
 from foldship.validators.accuracy import classification_scores, evaluate_torch
-from recovery import CASES, speed_text, run_build, summarise  # benchmarks/recovery.py, beside this script
+from recovery import CASES, change_points, run_build, speed_text, summarise  # benchmarks/recovery.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 500  # the recovery case's evaluation images (the other 500 are its calibration images)
@@ -107,7 +107,7 @@ def main() -> None:
                 continue
             print(f"| {b['size']} | {b['seed']} | {b['input_mac_fraction']:.3f}x | {', '.join(b['removed_blocks'])} | "
                   f"{b['mac_ratio']:.3f}x | {b['baseline']}/{b['total']} | {b['before']}/{b['total']} | "
-                  f"**{b['correct']}/{b['total']}** | {100 * (b['correct'] - b['baseline']) / b['total']:+.1f} pt | "
+                  f"**{b['correct']}/{b['total']}** | {change_points(b)} | "
                   f"{speed_text(b)} | {b['seconds'] / 60:.1f} min |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -183,7 +183,7 @@ def print_tables(rows: list[dict]) -> None:
             epochs = r["finetune"].get("finetune_epochs")
             print(f"| {r['case']} | {r['method']} | {r['repair']}, distill, seed {r['seed']} | {r['mac_ratio']:.3f}x | "
                   f"{_score(r['baseline'], r['total'])} | {_score(r['before'], r['total'])} | "
-                  f"**{_score(r['correct'], r['total'])}** | {100 * (r['correct'] - r['baseline']) / r['total']:+.1f} pt | "
+                  f"**{_score(r['correct'], r['total'])}** | {change_points(r)} | "
                   f"{100 * r['agreement']:.1f} % | {r['distill_images']} x {epochs}, {r['distill_seconds']:.0f} s "
                   f"({r['images_per_second']:.0f}) | {r['seconds'] / 60:.1f} min | {speed_text(r)} |")
     repairs = [r for r in rows if r["section"] == "repairs"]
@@ -197,8 +197,13 @@ def print_tables(rows: list[dict]) -> None:
                 continue
             print(f"| {r['case']} | {r['method']} | {r['repair']}, seed {r['seed']} | {r['mac_ratio']:.3f}x | "
                   f"{_score(r['baseline'], r['total'])} | {_score(r['correct'], r['total'])} | "
-                  f"{100 * (r['correct'] - r['baseline']) / r['total']:+.1f} pt | {100 * r['agreement']:.1f} % | "
+                  f"{change_points(r)} | {100 * r['agreement']:.1f} % | "
                   f"{r['seconds'] / 60:.1f} min | {speed_text(r)} |")
+
+
+def change_points(row: dict) -> str:
+    """Top-1 after compression and recovery against the baseline, in points."""
+    return f"{100 * (row['correct'] - row['baseline']) / row['total']:+.1f} pt"
 
 
 def speed_text(row: dict) -> str:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..compress.distill import check_images, check_trainable, distill
 from ..compress.engine import compress_model
-from ..data import CalibrationImages, calibration_images, load_images
+from ..data import CalibrationImages, calibration_images
 from ..data.presets import resolve_preprocessing
 from ..exporters import export_model, export_report
 from ..models.registry import load_model
@@ -25,7 +25,7 @@ from ..validators.stage import validate
 from .budget import plan_budget, validated_latency
 from .config import BuildConfig
 from .environment import fingerprint, keep_freed_memory
-from .inputs import compressed_side
+from .inputs import compressed_side, input_entry, load_side_images
 from .report import write_report
 from .run_folder import RunFolder
 from .sources import check_conversion, check_repair, export_baseline, given_model
@@ -77,12 +77,11 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
         check_repair(config.repair, loaded.model, loaded.name)
         shrunk = compressed_side(loaded, config.compressed_input_size)  # loaded itself at the baseline's input
     with progress.stage("load data") as advance:
-        data = load_images(config.data, loaded.preprocessing, config.limit, loaded.num_classes,
-                           input_shape=loaded.input_shape, progress=advance)
-        # The same pictures as the compressed model sees them; calibration and recovery read images at its input.
-        compressed_data = data if shrunk is loaded else load_images(
-            config.data, shrunk.preprocessing, config.limit, loaded.num_classes, input_shape=shrunk.input_shape,
-            progress=advance)
+        # The same pictures as each side sees them; calibration and recovery read images at the compressed input.
+        inputs = {"baseline": loaded, "compressed": shrunk}
+        evaluation = load_side_images(config.data, {s: (m.input_shape, m.preprocessing) for s, m in inputs.items()},
+                                      config.limit, loaded.num_classes, advance)
+        data, compressed_data = evaluation["baseline"], evaluation["compressed"]
         chosen = None  # calibration images, near-copies of the evaluation images left out
         if config.calibration_data:
             chosen = calibration_images(config.calibration_data, shrunk.preprocessing, compressed_data,
@@ -134,7 +133,6 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
                  *run_folder_artifacts(folder.staging)]
     macs = {"baseline": count_macs(loaded.model, example), "compressed": count_macs(compressed, compressed_example)}
     fp16 = [e.fp16 for e in exported if e.fp16]
-    inputs = {"baseline": loaded, "compressed": shrunk}  # each side's input shape and preprocessing
     validation = validate(artifacts, {"baseline": data.x, "compressed": compressed_data.x}, data.y,
                           loaded.num_classes, {side: m.input_shape for side, m in inputs.items()},
                           config.validation_settings(), config.gate_limits() | {
@@ -144,8 +142,7 @@ def _run_stages(config: BuildConfig, folder: RunFolder, progress: StageProgress,
     for key, model, onnx_file in (("baseline", loaded.model, base_onnx), ("compressed", compressed, comp_onnx)):
         sides[key] = {"params": count_params(model), "macs": macs[key], **validation.report[key],
                       "onnx": asdict(onnx_file) | {"path": f"{key}.onnx"},
-                      "input": {"shape": list(inputs[key].input_shape),
-                                "preprocessing": asdict(inputs[key].preprocessing)}}
+                      "input": input_entry(inputs[key].input_shape, inputs[key].preprocessing)}
     if recovery is not None:
         comp = validation.report["compressed"]
         recovery["after"] = {"backend": "onnxruntime-cpu", "artifact": "compressed.onnx", "accuracy": comp["accuracy"],

@@ -19,6 +19,7 @@ from ..validators import evaluate_gates
 from .build import BuildOutcome, load_from_config
 from .config import BuildConfig
 from .environment import fingerprint
+from .inputs import load_side_images
 from .report import side_inputs
 from .run_folder import RunFolder
 
@@ -61,18 +62,19 @@ def _export_stages(config: BuildConfig, sources: dict | None, folder: RunFolder,
             advance()
         source = {"model": loaded.name, "checkpoint": loaded.checkpoint, "checkpoint_sha256": loaded.checkpoint_sha256}
     else:
-        exported, images = [], {}  # images per preprocessing: a compressed engine may take a smaller input
+        # each file checked on images of its own input (a compressed engine may take a smaller one); images of
+        # another size than a file takes: one line, exit 2
+        inputs = {}
+        for path in sources["onnx"]:
+            shape, recorded = sources["inputs"][path.stem]
+            inputs[path.stem] = (shape, Preprocessing(**recorded) if recorded else Preprocessing())
+        images = load_side_images(config.data, inputs, config.limit, sources["model"].get("num_classes"))
+        data = images[sources["onnx"][0].stem]
+        exported = []
         with progress.stage("export (shrink)", total=len(sources["onnx"])) as advance:
             for path in sources["onnx"]:
-                shape, recorded = sources["inputs"][path.stem]
-                preprocessing = Preprocessing(**recorded) if recorded else Preprocessing()
-                key = repr(preprocessing)
-                if key not in images:  # images of another size than the file takes: one line, exit 2
-                    images[key] = load_images(config.data, preprocessing, config.limit,
-                                              sources["model"].get("num_classes"), input_shape=shape)
-                data = images[key]
                 artifact = describe_onnx(path, sources["exporter"])
-                exported.append(ship_onnx(artifact, folder.staging, path.stem, options, data.x))
+                exported.append(ship_onnx(artifact, folder.staging, path.stem, options, images[path.stem].x))
                 advance()
         source = {"run": sources["run"], "onnx": [p.name for p in sources["onnx"]]}
     fp16 = [e.fp16 for e in exported if e.fp16]

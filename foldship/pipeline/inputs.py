@@ -10,10 +10,15 @@ fractions of the baseline at its own input.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
+from ..data import ImageSet, load_images
 from ..data.presets import scaled_to
 from ..errors import BadInput
-from ..models.spec import LoadedModel, check_forward
+from ..models.spec import LoadedModel, Preprocessing, check_forward
+
+# Each side's input: its shape without the batch axis (None: the images' own) and its preprocessing.
+SideInput = tuple[tuple[int, ...] | None, Preprocessing]
 
 
 def check_input_size(size: int | None) -> None:
@@ -41,3 +46,20 @@ def compressed_side(loaded: LoadedModel, size: int | None) -> LoadedModel:
         raise BadInput(f"compressed_input_size {size}: {exc}".split("; set input_size")[0] +
                        "; choose a larger compressed_input_size") from None
     return shrunk
+
+
+def load_side_images(path: str, inputs: dict[str, SideInput], limit: int | None, num_classes: int | None,
+                     progress: Callable[[int], None] | None = None) -> dict[str, ImageSet]:
+    """The labelled images ``path`` holds, prepared for each side: read once per distinct preprocessing (both sides
+    share one set unless the compressed engine takes a smaller input), each checked against its side's shape."""
+    images: dict[str, ImageSet] = {}
+    for side, (shape, preprocessing) in inputs.items():
+        same = next((s for s in images if inputs[s][1] == preprocessing), None)
+        images[side] = images[same] if same else load_images(path, preprocessing, limit, num_classes,
+                                                              input_shape=shape, progress=progress)
+    return images
+
+
+def input_entry(shape: tuple[int, ...], preprocessing: Preprocessing) -> dict:
+    """A side's ``input`` entry of report.json (``report.side_inputs`` reads it back)."""
+    return {"shape": list(shape), "preprocessing": dataclasses.asdict(preprocessing)}

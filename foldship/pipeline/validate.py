@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ..data import load_images
 from ..errors import BadInput
 from ..models.spec import Preprocessing
 from ..progress import StageProgress
@@ -23,6 +22,7 @@ from ..validators.stage import SIDES, select_backends, time_blocks, validate
 from .build import BuildOutcome
 from .config import BuildConfig
 from .environment import fingerprint
+from .inputs import SideInput, input_entry, load_side_images
 from .report import load_run, side_inputs, write_report, write_sweep
 from .run_folder import RunFolder
 
@@ -32,7 +32,7 @@ class Sources:
     artifacts: list[Artifact]
     # each side's input shape (None: the images') and preprocessing; a build may give its compressed engine a
     # smaller input than its baseline (pipeline/inputs.py)
-    inputs: dict[str, tuple[tuple[int, ...] | None, Preprocessing]]
+    inputs: dict[str, SideInput]
     data: str
     num_classes: int | None
     model: dict  # what is known about the model (name, input_shape, ...) from a run's report
@@ -86,10 +86,7 @@ def validate_artifacts(paths: list[str | Path], config: BuildConfig, data: str |
     sources = resolve(paths, config, data)
     with RunFolder(config.out, config.overwrite) as folder:  # commits whole, or discards on any error or signal
         with progress.stage("load data"):
-            loaded = {}  # one load per preprocessing: both sides share it unless the build shrank the input
-            for side, (_, preprocessing) in sources.inputs.items():
-                match = next((loaded[s] for s in loaded if sources.inputs[s][1] == preprocessing), None)
-                loaded[side] = match or load_images(sources.data, preprocessing, config.limit, sources.num_classes)
+            loaded = load_side_images(sources.data, sources.inputs, config.limit, sources.num_classes)
         images = loaded["baseline"]
         onnx_files = {a.name: a for a in sources.artifacts if a.format == "onnx"}
         input_shape = {side: tuple(shape or loaded[side].x.shape[1:]) for side, (shape, _) in sources.inputs.items()}
@@ -109,8 +106,7 @@ def validate_artifacts(paths: list[str | Path], config: BuildConfig, data: str |
             "environment": fingerprint(),
         }
         for side in SIDES:
-            report[side]["input"] = {"shape": list(input_shape[side]),
-                                     "preprocessing": dataclasses.asdict(sources.inputs[side][1])}
+            report[side]["input"] = input_entry(input_shape[side], sources.inputs[side][1])
             if side in macs:
                 report[side]["macs"] = macs[side]
         write_report(folder.staging, report, validation.samples)
